@@ -1,0 +1,1 @@
+"""Hand-crafted layer-level LR schedules; each module registers one controller."""

@@ -1,0 +1,1 @@
+"""Adaptive and learned layer-level LR controllers; each module registers one controller."""

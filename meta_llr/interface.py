@@ -1,0 +1,258 @@
+"""The controller contract: how a layer-level learning-rate (LLR) policy talks to the loop.
+
+Every step the training loop asks the controller for one scale factor per layer and
+trains with
+
+    lr_layer(t) = global_lr(t) * scale_layer(t)
+
+where ``global_lr(t)`` is the global LR policy (``schedule=...``) and the scales are the
+controller's. A controller is a subclass of :class:`Controller` registered by name with
+:func:`register`; ``controller=NAME`` on the command line selects it and its YAML config
+``meta_llr/conf/controller/NAME.yaml`` gives its keyword arguments. Adding a controller is
+one Python file in ``baselines/`` or ``controllers/`` plus that one YAML: the registry
+imports both packages by itself.
+
+Call order, per run::
+
+    controller = Cls(**config)                   # plain keyword arguments, typed
+    controller.setup(layers, plan)               # once, before the first step
+    for step in range(plan.total_steps):
+        mask = controller.trainable(step)        # optional, host-side (see below)
+        s = controller.scales(step)              # before the optimizer step
+        ... forward, backward, optimizer step with lr_l = global_lr(step) * s[l] ...
+        controller.transform_update(step, before)  # optional (see below)
+        controller.observe(step, stats)          # after the step, only if it needs stats
+    controller.state_dict() / load_state_dict()  # checkpoints, at any step boundary
+
+Rules a controller must keep (checked for every registered controller by
+``tests/test_contract.py``):
+
+* ``scales(step)`` returns a 1-D float32 tensor of length ``len(layers)`` on
+  ``plan.device``, finite and non-negative. Zero is allowed only for a layer that
+  ``trainable(step)`` reports frozen.
+* No host-device synchronisation inside a step: no ``.item()``, ``.cpu()``, ``.tolist()``,
+  ``float(tensor)`` or Python ``if`` on a device value in ``scales``, ``observe`` or
+  ``transform_update``. Keep state as device tensors and update it with tensor ops.
+* ``needs`` names the per-step statistics the controller reads in ``observe``; the loop
+  computes exactly those, in one batched pass, and skips ``observe`` when ``needs`` is
+  empty and ``observe`` is not overridden. A controller that needs nothing costs nothing.
+* ``state_dict()`` holds everything needed to continue bit-for-bit after a restart.
+
+Statistics (``stats`` in ``observe``), each a device tensor, per layer ``[L]`` unless noted;
+a layer's statistic covers all of that layer's parameter tensors together:
+
+==========================  ==========================================================
+``loss``                    0-d: this step's training loss (mean over the batch)
+``global_lr``               0-d: the global LR used at this step
+``scales``                  ``[L]``: the scales used at this step
+``grad_norm``               ``‖g_l(t)‖₂``, gradient of this step
+``weight_norm``             ``‖θ_l(t+1)‖₂``, after the step
+``update_norm``             ``‖u_l(t)‖₂`` with ``u_l(t) = θ_l(t+1) − θ_l(t)``, the update applied
+``grad_dot_prev_update``    ``g_l(t) · u_l(t−1)`` (0 at the first step); the hypergradient
+                            of the loss w.r.t. layer l's LR is ``−g_l(t)·u_l(t−1)/η_l(t−1)``
+==========================  ==========================================================
+
+Controllers that keep their own per-element state (secant estimates, Adam moments) read
+the tensors directly: ``layer.params`` (all of the layer's parameters), ``layer.weight``
+(its kernel), and ``p.grad`` during ``observe`` (gradients are cleared after it).
+
+Two optional hooks:
+
+* ``trainable(step) -> list[bool] | None``: which layers train at this step. Host-side and
+  a pure function of ``step`` (no device values). A layer reported ``False`` gets
+  ``requires_grad=False`` (no gradient is computed, the optimizer skips it); this is where
+  FreezeOut and gradual unfreezing get their speed. ``None`` (the default) means all train.
+* ``transform_update(step, before)``: for controllers that change the *direction* of the
+  update, not just its size (Layca). Called after the optimizer step with ``before[l][k]``,
+  a copy of ``layers[l].params[k]`` from before the step; the controller rewrites
+  ``layers[l].params[k]`` in place. Set ``transforms_update = True`` to receive it.
+
+``scale_1d`` (default True): whether a layer's 1-D parameters (biases, norm affine
+parameters) follow the layer's scale; ``False`` keeps them at the global LR (LARS).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from meta_llr.errors import UserError
+
+STATS = frozenset(
+    {"loss", "global_lr", "scales", "grad_norm", "weight_norm", "update_norm", "grad_dot_prev_update"}
+)
+
+
+@dataclass
+class Layer:
+    """One unit that gets its own LR: a weighted module (Conv, Linear) with its bias and the
+    normalisation layer that follows it, or a contiguous group of such (``layers.groups=K``)."""
+
+    index: int                  # 0 = first in forward execution order
+    name: str                   # module name, or "first..last" for a group
+    depth: float                # index / (L - 1): 0 for the first layer, 1 for the last
+    params: list[torch.Tensor]  # every trainable tensor whose LR is this layer's
+    weight: torch.Tensor        # the kernel of the layer's (first) weighted module
+    modules: list[str] = field(default_factory=list)  # module names it covers
+
+
+@dataclass
+class Plan:
+    """What the run will do: known before the first step."""
+
+    total_steps: int
+    steps_per_epoch: int
+    epochs: int
+    device: torch.device
+    lr_table: torch.Tensor      # [total_steps] float32 on device: global_lr(step)
+
+    def global_lr(self, step: int) -> torch.Tensor:
+        """0-d device tensor, the global LR at ``step`` (a view: no copy, no sync)."""
+        return self.lr_table[min(step, self.total_steps - 1)]
+
+    def progress(self, step: int) -> float:
+        """Fraction of training done before ``step``: 0 at the first step, → 1 at the end."""
+        return step / self.total_steps
+
+
+class Controller(ABC):
+    """Base class of every LLR controller; the module docstring is the contract."""
+
+    needs: frozenset[str] = frozenset()
+    transforms_update: bool = False
+    scale_1d: bool = True
+
+    def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
+        self.layers = list(layers)
+        self.plan = plan
+        self.num_layers = len(layers)
+        self.depths = torch.tensor([layer.depth for layer in layers], dtype=torch.float32)
+
+    @abstractmethod
+    def scales(self, step: int) -> torch.Tensor:
+        """Per-layer LR scale factors for ``step``: float32 ``[L]`` on ``plan.device``."""
+
+    def observe(self, step: int, stats: Mapping[str, torch.Tensor]) -> None:
+        """Receive this step's statistics (the ones named in ``needs``)."""
+
+    def trainable(self, step: int) -> list[bool] | None:
+        return None
+
+    def transform_update(self, step: int, before: Sequence[Sequence[torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- registry
+
+CONTROLLERS: dict[str, type[Controller]] = {}
+_PACKAGES = ("baselines", "controllers")
+
+
+def register(name: str):
+    """Class decorator: make a controller selectable as ``controller=name``."""
+
+    def add(cls: type[Controller]) -> type[Controller]:
+        if name in CONTROLLERS and CONTROLLERS[name] is not cls:
+            raise ValueError(f"controller name '{name}' registered twice")
+        cls.registry_name = name
+        CONTROLLERS[name] = cls
+        return cls
+
+    return add
+
+
+def available() -> dict[str, type[Controller]]:
+    """All registered controllers, importing every module of ``baselines`` and ``controllers``."""
+    for package_name in _PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{info.name}")
+    return dict(sorted(CONTROLLERS.items()))
+
+
+def _check_type(name: str, key: str, value, annotation):
+    """Coerce ``value`` to the annotated type of the controller argument, or raise UserError."""
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(name, key, value, option)
+            except UserError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin in (list, tuple, Sequence) or annotation in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise UserError(f"controller.{key} must be a list for controller={name}, got {value!r}; "
+                            f"write e.g. controller.{key}=[1.0,2.0]")
+        (item_type,) = typing.get_args(annotation)[:1] or (typing.Any,)
+        return [_check_type(name, key, item, item_type) for item in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise UserError(f"controller.{key} must be {annotation.__name__} for controller={name}, got {value!r}")
+
+
+def build_controller(config: Mapping) -> Controller:
+    """Instantiate ``config['name']`` with the other keys as typed keyword arguments."""
+    config = dict(config)
+    name = config.pop("name", None)
+    registry = available()
+    if name not in registry:
+        raise UserError(f"unknown controller '{name}'; valid: {', '.join(registry)}")
+    cls = registry[name]
+    signature = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(cls.__init__)
+    accepted = {k for k in signature.parameters if k != "self"}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise UserError(f"controller={name} has no option {', '.join(unknown)}; "
+                        f"its options: {', '.join(sorted(accepted)) or 'none'}")
+    kwargs = {k: _check_type(name, k, _plain(v), hints.get(k, inspect.Parameter.empty))
+              for k, v in config.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # controllers validate their own ranges with ValueError
+        raise UserError(f"controller={name}: {error}") from None
+
+
+def _plain(value):
+    """OmegaConf containers to plain Python."""
+    try:
+        from omegaconf import OmegaConf
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return value

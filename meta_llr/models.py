@@ -1,0 +1,351 @@
+"""Image classifiers for the layer-level learning-rate experiments.
+
+Every model takes ``(in_channels, image_size, num_classes, **options)`` and maps
+``[N, in_channels, image_size, image_size]`` to logits ``[N, num_classes]``.
+Convolutional models end in a global pool, so any square image of at least 8x8
+works (sklearn digits is 1x8x8, CIFAR is 3x32x32).
+
+Models are plain ``nn.Module`` trees of ``nn.Conv2d`` / ``nn.Linear`` /
+``nn.BatchNorm2d`` leaves. Layer discovery elsewhere traces forward hooks and
+attaches each BatchNorm to the conv that ran just before it, so forward always
+runs conv then its BN, and a ResNet block runs its shortcut conv + BN after the
+residual branch.
+
+    model = build_model("resnet", in_channels=3, image_size=32, num_classes=10, depth=56)
+"""
+
+import inspect
+from collections.abc import Sequence
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from meta_llr.errors import UserError
+
+MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+_SIZE_ARGS = ("in_channels", "image_size", "num_classes")
+MIN_IMAGE_SIZE = 8
+
+
+def register_model(name: str):
+    """Class decorator: make a model available to ``build_model`` under ``name``."""
+
+    def deco(cls):
+        assert name not in MODELS, f"model {name!r} registered twice"
+        MODELS[name] = cls
+        return cls
+
+    return deco
+
+
+def model_options(name: str) -> dict:
+    """The options of model ``name`` with their defaults (what its YAML config lists)."""
+    sig = inspect.signature(MODELS[name])
+    return {k: list(p.default) if isinstance(p.default, tuple) else p.default
+            for k, p in sig.parameters.items() if k not in _SIZE_ARGS}
+
+
+def build_model(name: str, in_channels: int, image_size: int, num_classes: int, **options) -> nn.Module:
+    """Build model ``name``; bad names and options raise a one-line ``UserError``."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
+    for arg, value, low in (("in_channels", in_channels, 1), ("image_size", image_size, MIN_IMAGE_SIZE),
+                            ("num_classes", num_classes, 1)):
+        if not _is_int(value) or value < low:
+            raise UserError(f"model {name}: {arg}={value!r} is invalid; it must be an integer >= {low}")
+    defaults = model_options(name)
+    clean = {}
+    for key, value in options.items():
+        if key not in defaults:
+            valid = ", ".join(sorted(defaults)) or "none"
+            raise UserError(f"model {name} has no option {key!r}; valid options: {valid}")
+        clean[key] = _check_type(name, key, value, defaults[key])
+    return MODELS[name](in_channels, image_size, num_classes, **clean)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_type(model: str, key: str, value, default):
+    """Coerce config values (omegaconf ListConfig -> list) and check them against the default's type."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = list(value)
+    if isinstance(default, list):
+        if not isinstance(value, list) or not value or not all(_is_int(v) and v >= 1 for v in value):
+            raise UserError(f"model {model}: {key}={value!r} is invalid; give a non-empty list of positive "
+                            f"integers, e.g. {key}={default}")
+    elif _is_int(default):
+        if not _is_int(value) or value < 0:
+            raise UserError(f"model {model}: {key}={value!r} is invalid; give a non-negative integer, "
+                            f"e.g. {key}={default}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise UserError(f"model {model}: {key}={value!r} is invalid; give a string, e.g. {key}={default}")
+    return value
+
+
+def _need(ok: bool, message: str):
+    if not ok:
+        raise UserError(message)
+
+
+def _kaiming_init(model: nn.Module):
+    """He et al. 2015 normal init for every conv (fan-in, ReLU gain); BN starts at identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+
+def _pool2(x: torch.Tensor, pool: Callable = F.max_pool2d) -> torch.Tensor:
+    """2x2 max-pool, skipped once the feature map is already 1x1."""
+    return pool(x, 2) if min(x.shape[-2:]) > 1 else x
+
+
+class ConvBN(nn.Module):
+    """conv(k x k, no bias) -> BatchNorm -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, kernel_size: int = 3, relu: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.relu = relu
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return F.relu(x) if self.relu else x
+
+
+# --------------------------------------------------------------------------- MLP
+
+
+@register_model("mlp")
+class MLP(nn.Module):
+    """Multilayer perceptron: flatten, ``depth`` x (Linear + ReLU) of width ``hidden``, linear head.
+
+    The classic fully connected baseline (e.g. LeCun et al. 1998, "Gradient-based
+    learning applied to document recognition").
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, hidden: int = 256, depth: int = 2):
+        super().__init__()
+        _need(hidden >= 1, f"model mlp: hidden={hidden} is invalid; give a positive width, e.g. hidden=256")
+        dims = [in_channels * image_size * image_size] + [hidden] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+# ----------------------------------------------------------------------- shallow
+
+
+@register_model("shallow")
+class Shallow(nn.Module):
+    """The research discussion's "shallow network": three conv3x3-BN-ReLU layers.
+
+    Channels width, 2*width, 4*width; 2x2 max-pool after conv 2 and conv 3 (skipped
+    at 1x1), global average pool, linear head.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 32):
+        super().__init__()
+        _need(width >= 1, f"model shallow: width={width} is invalid; give a positive width, e.g. width=32")
+        self.conv1 = ConvBN(in_channels, width)
+        self.conv2 = ConvBN(width, 2 * width)
+        self.conv3 = ConvBN(2 * width, 4 * width)
+        self.head = nn.Linear(4 * width, num_classes)
+        _kaiming_init(self)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = _pool2(self.conv2(x))
+        x = _pool2(self.conv3(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# ------------------------------------------------------------------------- plain
+
+
+@register_model("plain")
+class Plain(nn.Module):
+    """VGG-style deep net without skip connections: the "plain" baseline of He et al. 2016
+    (arXiv 1512.03385, section 4.2), after Simonyan & Zisserman 2014 (arXiv 1409.1556).
+
+    ``depth - 1`` conv3x3-BN-ReLU layers split as evenly as possible over 3 stages
+    (earlier stages take the remainder) of widths w, 2w, 4w; the first conv of
+    stages 2 and 3 has stride 2. Global average pool, linear head (the last layer).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, depth: int = 11, width: int = 16):
+        super().__init__()
+        _need(depth >= 4, f"model plain: depth={depth} is too small; use depth >= 4 (one conv per stage plus the head)")
+        _need(width >= 1, f"model plain: width={width} is invalid; give a positive width, e.g. width=16")
+        n_conv = depth - 1
+        per_stage = [n_conv // 3 + (i < n_conv % 3) for i in range(3)]
+        layers, c_in = [], in_channels
+        for stage, n in enumerate(per_stage):
+            c_out = width * 2**stage
+            for i in range(n):
+                layers.append(ConvBN(c_in, c_out, stride=2 if stage > 0 and i == 0 else 1))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+        _kaiming_init(self)
+
+    def forward(self, x):
+        x = self.layers(x)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# ------------------------------------------------------------------------ resnet
+
+
+class BasicBlock(nn.Module):
+    """Two conv3x3-BN layers plus a shortcut, ReLU after the sum (He et al. 2016, fig. 2).
+
+    shortcut "conv": 1x1 conv + BN projection when the shape changes (option B);
+    "pad": strided identity with zero-padded extra channels (option A, no params).
+    The projection runs after the residual branch so forward order matches depth.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str = "conv"):
+        super().__init__()
+        self.conv1 = ConvBN(c_in, c_out, stride)
+        self.conv2 = ConvBN(c_out, c_out, relu=False)
+        self.stride, self.extra = stride, c_out - c_in
+        self.proj = None
+        if shortcut == "conv" and (stride != 1 or c_in != c_out):
+            self.proj = ConvBN(c_in, c_out, stride, kernel_size=1, relu=False)
+
+    def forward(self, x):
+        out = self.conv2(self.conv1(x))
+        if self.proj is not None:
+            x = self.proj(x)
+        else:
+            if self.stride != 1:
+                x = x[:, :, :: self.stride, :: self.stride]
+            if self.extra:
+                x = F.pad(x, (0, 0, 0, 0, 0, self.extra))  # zero channels appended
+        return F.relu(out + x)
+
+
+class _ResNetBody(nn.Module):
+    """Stem conv-BN-ReLU, stages of basic blocks, global average pool, linear head."""
+
+    def __init__(self, in_channels, num_classes, stem_width, widths, blocks, strides, shortcut):
+        super().__init__()
+        self.stem = ConvBN(in_channels, stem_width)
+        layers, c_in = [], stem_width
+        for c_out, n, stride in zip(widths, blocks, strides):
+            for i in range(n):
+                layers.append(BasicBlock(c_in, c_out, stride if i == 0 else 1, shortcut))
+                c_in = c_out
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+        _kaiming_init(self)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@register_model("resnet")
+class ResNet(_ResNetBody):
+    """CIFAR ResNet of He et al. 2016, "Deep Residual Learning for Image Recognition"
+    (arXiv 1512.03385, section 4.2): depth = 6n+2, a 3x3 conv stem, 3 stages of n
+    basic blocks (widths w, 2w, 4w, stride 2 at the start of stages 2 and 3), global
+    average pool, linear head. ResNet-20/32/44/56/110 via ``depth``.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, depth: int = 20, width: int = 16,
+                 shortcut: str = "conv"):
+        _need(depth >= 8 and (depth - 2) % 6 == 0,
+              f"model resnet: depth={depth} is not 6n+2; use e.g. depth=20, 32, 44, 56 or 110")
+        _need(width >= 1, f"model resnet: width={width} is invalid; give a positive width, e.g. width=16")
+        _need(shortcut in ("conv", "pad"),
+              f"model resnet: shortcut={shortcut!r} is invalid; use shortcut=conv (projection) or shortcut=pad (option A)")
+        n = (depth - 2) // 6
+        w = width
+        super().__init__(in_channels, num_classes, w, [w, 2 * w, 4 * w], [n] * 3, [1, 2, 2], shortcut)
+
+
+@register_model("resnet18")
+class ResNet18(_ResNetBody):
+    """ResNet-18 (He et al. 2016, arXiv 1512.03385, table 1: basic blocks 2,2,2,2 with
+    widths w, 2w, 4w, 8w) with the usual CIFAR stem: a 3x3 stride-1 conv and no
+    max-pool. 1x1 conv + BN projection shortcuts where the shape changes.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 64):
+        _need(width >= 1, f"model resnet18: width={width} is invalid; give a positive width, e.g. width=64")
+        w = width
+        super().__init__(in_channels, num_classes, w, [w, 2 * w, 4 * w, 8 * w], [2] * 4, [1, 2, 2, 2], "conv")
+
+
+# ----------------------------------------------------------------------- fastnet
+
+
+class FastBN(nn.BatchNorm2d):
+    """BatchNorm with gamma frozen at 1 and only beta learned (airbench94)."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, eps=1e-12, momentum=0.6)
+        self.weight.requires_grad_(False)
+
+
+class ConvGroup(nn.Module):
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU (pool skipped at 1x1)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.bn1 = FastBN(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = FastBN(c_out)
+
+    def forward(self, x):
+        x = F.gelu(self.bn1(_pool2(self.conv1(x))))
+        return F.gelu(self.bn2(self.conv2(x)))
+
+
+@register_model("fastnet")
+class FastNet(nn.Module):
+    """airbench94-like net, from K. Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single
+    GPU" (arXiv 2404.00498): a 2x2 unpadded stem conv to 24 channels + BN + GELU, one
+    conv group per entry of ``widths``, global max pool, bias-free linear head scaled
+    by a fixed 1/9. Convs are bias-free and identity-initialised on their first
+    ``in_channels`` filters (the paper's partial identity init); BN has momentum 0.6,
+    eps 1e-12 and a frozen gamma of 1. The paper's data-dependent whitening init of
+    the stem is not done here: the stem is an ordinary learned conv.
+    """
+
+    stem_width = 24
+    head_scale = 1 / 9
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, widths: tuple = (64, 256, 256)):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, self.stem_width, 2, padding=0, bias=False)
+        self.stem_bn = FastBN(self.stem_width)
+        c_in, groups = self.stem_width, []
+        for c_out in widths:
+            groups.append(ConvGroup(c_in, c_out))
+            c_in = c_out
+        self.groups = nn.Sequential(*groups)
+        self.head = nn.Linear(c_in, num_classes, bias=False)
+        for group in self.groups:
+            for conv in (group.conv1, group.conv2):
+                with torch.no_grad():
+                    nn.init.dirac_(conv.weight[: conv.in_channels])
+
+    def forward(self, x):
+        x = F.gelu(self.stem_bn(self.stem(x)))
+        x = self.groups(x)
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.head(x) * self.head_scale

@@ -1,0 +1,139 @@
+"""Run records: the files one run directory holds, always written atomically.
+
+``config.yaml``   the fully resolved config
+``env.json``      git commit, torch version, device, host
+``layers.csv``    the layer table: index, name, modules, params, group
+``metrics.jsonl`` one JSON object per evaluation (epoch, step, train/test loss and acc, lr, wall_s)
+``llr.csv``       the LLR trace: step, progress, global_lr, then one column per layer (its scale)
+``summary.json``  written last: status (finished | diverged | failed), accuracies, steps, wall_s
+
+Every write goes to a temporary file in the same directory and is renamed over the target,
+so an interrupted run never leaves a half-written file.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+SUMMARY, METRICS, TRACE, LAYERS, CONFIG, ENV = (
+    "summary.json", "metrics.jsonl", "llr.csv", "layers.csv", "config.yaml", "env.json")
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` with write-then-rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
+
+
+class RunRecords:
+    """Writes one run's record files into ``out_dir``."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics: list[dict] = []
+        self.trace_rows: list[list] = []
+        self.trace_header: list[str] = []
+
+    def write_json(self, name: str, obj: Mapping) -> None:
+        write_atomic(self.dir / name, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        write_atomic(self.dir / name, text)
+
+    def write_layers(self, rows: list[dict]) -> None:
+        header = list(rows[0])
+        self.write_text(LAYERS, csv_text(header, ([row[k] for k in header] for row in rows)))
+
+    def add_metrics(self, row: Mapping) -> None:
+        self.metrics.append(dict(row))
+        self.write_text(METRICS, "".join(json.dumps(r, default=_jsonable) + "\n" for r in self.metrics))
+
+    def add_trace(self, header: list[str], rows: list[list]) -> None:
+        self.trace_header = header
+        self.trace_rows.extend(rows)
+        self.write_text(TRACE, csv_text(header, self.trace_rows))
+
+    def state_dict(self) -> dict:
+        return {"metrics": list(self.metrics), "trace_rows": list(self.trace_rows),
+                "trace_header": list(self.trace_header)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.metrics = list(state["metrics"])
+        self.trace_rows = list(state["trace_rows"])
+        self.trace_header = list(state["trace_header"])
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]

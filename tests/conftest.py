@@ -1,0 +1,38 @@
+"""Shared fixtures: compose the real Hydra config the CLI uses, and run short trainings."""
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A few-step synthetic run: big enough to exercise every code path, small enough for CI.
+TINY = ["data=synthetic", "data.channels=1", "data.size=8", "data.classes=4", "data.train_size=64",
+        "data.test_size=32", "model=mlp", "model.hidden=16", "trainer.epochs=2", "trainer.batch_size=16",
+        "quiet=true", "trainer.checkpoint=false", "device=cpu"]
+
+
+def compose_config(*overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def make_config():
+    return compose_config
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Train a tiny synthetic run with extra overrides; returns (summary, run_dir)."""
+    from meta_llr.train import train
+
+    def run(*overrides, name="run"):
+        cfg = compose_config(*TINY, *overrides)
+        out = tmp_path / name
+        return train(cfg, out), out
+
+    return run

@@ -1,0 +1,76 @@
+"""The controller contract, checked for every registered controller (present and future)."""
+import copy
+import io
+from importlib.resources import files
+
+import pytest
+import torch
+
+from meta_llr.interface import STATS, Controller, available
+from meta_llr.train import Run
+from tests.conftest import TINY, compose_config
+
+REGISTRY = available()
+YAMLS = sorted(p.name[:-5] for p in files("meta_llr.conf").joinpath("controller").iterdir()
+               if p.name.endswith(".yaml"))
+
+
+def test_every_controller_has_a_config_and_every_config_a_controller():
+    assert set(REGISTRY) <= set(YAMLS), f"controllers without a YAML: {set(REGISTRY) - set(YAMLS)}"
+    for name in YAMLS:
+        cfg = compose_config(f"controller={name}")
+        assert cfg.controller.name in REGISTRY, f"{name}.yaml names unknown controller {cfg.controller.name}"
+
+
+def test_every_controller_documents_its_formula():
+    for name, cls in REGISTRY.items():
+        doc = (cls.__doc__ or "") + (__import__(cls.__module__).__doc__ or "")
+        assert len(doc.strip()) > 40, f"controller {name} has no docstring with its formula and source"
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_contract(name, tmp_path, monkeypatch):
+    cfg = compose_config(*TINY, f"controller={name}")
+    run = Run(cfg, tmp_path)
+    controller = run.controller
+    assert isinstance(controller, Controller)
+    assert set(controller.needs) <= STATS
+    num_layers = len(run.layers)
+
+    seen_stats = []
+    original_observe = controller.observe
+
+    def observe(step, stats):
+        seen_stats.append(set(stats))
+        return original_observe(step, stats)
+
+    monkeypatch.setattr(controller, "observe", observe)
+    steps_checked = 0
+    for x, y in run.batches():
+        scales = controller.scales(run.step)
+        assert isinstance(scales, torch.Tensor) and scales.shape == (num_layers,)
+        assert scales.dtype == torch.float32 and scales.device == run.device
+        assert torch.isfinite(scales).all() and (scales >= 0).all()
+        mask = controller.trainable(run.step)
+        if mask is not None:
+            assert len(mask) == num_layers and any(mask), "at least one layer must train"
+        zero = (scales == 0).tolist()
+        if any(zero):
+            assert mask is not None and all(not m for m, z in zip(mask, zero) if z), \
+                "a zero scale is only allowed for a layer reported frozen by trainable()"
+        run.train_step(x, y)
+        steps_checked += 1
+    assert steps_checked == run.steps_per_epoch
+    for keys in seen_stats:
+        assert set(controller.needs) <= keys
+
+    # state_dict round trip: a fresh controller restored from a serialised state agrees.
+    state = controller.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    restored = type(controller)(**{k: v for k, v in cfg.controller.items() if k != "name"})
+    restored.setup(run.layers, run.plan)
+    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    assert torch.equal(restored.scales(run.step), controller.scales(run.step))
+    assert copy.deepcopy(state) is not None
