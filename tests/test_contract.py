@@ -1,4 +1,5 @@
 """The controller contract, checked for every registered controller (present and future)."""
+import contextlib
 import copy
 import io
 from importlib.resources import files
@@ -11,6 +12,28 @@ from meta_llr.train import Run
 from tests.conftest import TINY, compose_config
 
 REGISTRY = available()
+SYNCING = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Record every call that would copy a device value to the host (a sync on CUDA)."""
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCING}
+
+    def spy(name):
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    for name in SYNCING:
+        setattr(torch.Tensor, name, spy(name))
+    try:
+        yield calls
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 YAMLS = sorted(p.name[:-5] for p in files("meta_llr.conf").joinpath("controller").iterdir()
                if p.name.endswith(".yaml"))
 
@@ -58,7 +81,9 @@ def test_contract(name, tmp_path, monkeypatch):
         if any(zero):
             assert mask is not None and all(not m for m, z in zip(mask, zero) if z), \
                 "a zero scale is only allowed for a layer reported frozen by trainable()"
-        run.train_step(x, y)
+        with count_host_syncs() as syncs:
+            run.train_step(x, y)
+        assert syncs == [], f"host-device syncs inside the step: {syncs}"
         steps_checked += 1
     assert steps_checked == run.steps_per_epoch
     for keys in seen_stats:
