@@ -27,9 +27,11 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from meta_llr.data import augment, load_data
+from meta_llr.diagnostics import LAYER_STATS, Diagnostics
 from meta_llr.errors import UserError
 from meta_llr.interface import STATS, Plan, build_controller
 from meta_llr.layers import group_layers, layer_table, trace_layers
+from meta_llr.loggers import make_logger
 from meta_llr.models import build_model
 from meta_llr.policies import lr_factors
 from meta_llr.records import (CONFIG, ENV, SUMMARY, RunRecords, environment, save_atomic)
@@ -141,6 +143,7 @@ class Run:
         self.prev = [torch.zeros_like(p) for p in self.params] if needs_buffer else None
         self.prev_by_layer = self._by_layer(self.prev) if self.prev is not None else None
         self.trainable = [True] * num_layers
+        self.diagnostics = Diagnostics(cfg.diagnostics, self.layers, device)
 
         # Run position, accumulators, records.
         self.gen = torch.Generator(device=device)
@@ -161,6 +164,7 @@ class Run:
         self.eval_every = int(t.eval_every)
         self.eval_batch = int(t.eval_batch_size)
         self.records = RunRecords(out_dir)
+        self.logger = make_logger(cfg, self.records.dir)
 
     # ------------------------------------------------------------------ building blocks
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -231,6 +235,10 @@ class Run:
         if any(self.trainable):
             loss.backward()
 
+        probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
+        if probe:
+            needs = needs | self.diagnostics.needs
+        prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
         stats = {}
         if needs:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -239,21 +247,23 @@ class Run:
             if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below
                 dots = [torch.sum(g * d) for g, d in zip(grads, self.prev)]
                 stats["grad_dot_prev_update"] = -self._per_layer(dots, squared=False)
-        if self.prev is not None:
-            torch._foreach_copy_(self.prev, self.params)
+        if prev is not None:
+            torch._foreach_copy_(prev, self.params)
         self.optimizer.step()
         if self.transforms:
             controller.transform_update(step, self.prev_by_layer)
-        if self.prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
-            torch._foreach_sub_(self.prev, self.params)
+        if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
+            torch._foreach_sub_(prev, self.params)
         if needs:
             if "update_norm" in needs:
-                stats["update_norm"] = self._per_layer(torch._foreach_norm(self.prev))
+                stats["update_norm"] = self._per_layer(torch._foreach_norm(prev))
             if "weight_norm" in needs:
                 stats["weight_norm"] = self._per_layer(torch._foreach_norm(self.params))
             stats.update(loss=loss.detach(), global_lr=global_lr, scales=scales)
         if self.observes:
-            controller.observe(step, stats)
+            controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
+        if probe:
+            self.diagnostics.record_step(step, stats)
         self.optimizer.zero_grad(set_to_none=True)
 
         self.loss_sum.add_(loss.detach(), alpha=len(y))
@@ -305,16 +315,20 @@ class Run:
         row["lr"] = float(self.lr_host[min(self.step, self.plan.total_steps) - 1])
         row["wall_s"] = wall
         self.records.add_metrics(row)
-        self.flush_trace()
+        layer_rows = self.diagnostics.at_evaluation(self.epoch, self.step)
+        self.records.write_text(LAYER_STATS, self.diagnostics.csv())
+        new_trace = self.flush_trace()
+        self.logger.log_evaluation(row, self.records.trace_header, new_trace, layer_rows)
         self.loss_sum.zero_()
         self.correct.zero_()
         self.seen = 0
         return row
 
-    def flush_trace(self) -> None:
+    def flush_trace(self) -> list[list]:
+        """Write the trace rows logged since the last flush to llr.csv; return them."""
         rows_done = math.ceil(self.step / self.trace_every)
         if rows_done <= self.trace_flushed:
-            return
+            return []
         values = self.trace[self.trace_flushed:rows_done].cpu().tolist()
         rows = []
         for i, scales in enumerate(values, start=self.trace_flushed):
@@ -323,6 +337,7 @@ class Run:
         header = ["step", "progress", "global_lr", *[layer.name for layer in self.layers]]
         self.records.add_trace(header, rows)
         self.trace_flushed = rows_done
+        return rows
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict:
@@ -373,6 +388,7 @@ class Run:
             self.flush_trace()
             summary = self.summary(time.perf_counter() - start)
             records.write_json(SUMMARY, summary)
+            self.logger.finish(summary)
         if not self.quiet:
             print(f"{summary['status']}: test acc {summary['final_test_acc']} (best {summary['best_test_acc']}) "
                   f"after {self.step} steps, {summary['wall_s']:.1f} s -> {records.dir}")
@@ -404,6 +420,7 @@ class Run:
             summary["diverged_at_step"] = self.step
         if self.error:
             summary["error"] = self.error
+        summary["layer_stats"] = self.diagnostics.summary()
         return summary
 
     # ------------------------------------------------------------------ state
@@ -420,6 +437,7 @@ class Run:
             "prev": self.prev, "trainable": self.trainable, "best": dict(self.best),
             "trace": self.trace, "trace_flushed": self.trace_flushed,
             "records": self.records.state_dict(), "wall_s": self.wall_before,
+            "diagnostics": self.diagnostics.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -444,6 +462,7 @@ class Run:
         self.trace_flushed = state["trace_flushed"]
         self.records.load_state_dict(state["records"])
         self.wall_before = state["wall_s"]
+        self.diagnostics.load_state_dict(state["diagnostics"])
 
 
 def _overridden(cls) -> set[str]:
