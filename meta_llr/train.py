@@ -34,7 +34,7 @@ from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import make_logger
 from meta_llr.models import build_model
 from meta_llr.policies import lr_factors
-from meta_llr.records import (CONFIG, ENV, SUMMARY, RunRecords, environment, save_atomic)
+from meta_llr.records import (CONFIG, ENV, SUMMARY, RunRecords, csv_text, environment, save_atomic)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -90,7 +90,7 @@ class Run:
             self.eval_splits["val"] = data.val
         self.eval_splits = {k: (s.x.to(device), s.y.to(device)) for k, s in self.eval_splits.items()}
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(data.std, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(data.std, device=device).clamp_min(1e-3).view(1, -1, 1, 1) * 255  # constant channels
         self.crop_pad, self.flip = int(cfg.data.augment.crop_pad), bool(cfg.data.augment.flip)
 
         # Model, and its layers in forward order.
@@ -144,6 +144,8 @@ class Run:
         self.prev_by_layer = self._by_layer(self.prev) if self.prev is not None else None
         self.trainable = [True] * num_layers
         self.diagnostics = Diagnostics(cfg.diagnostics, self.layers, device)
+        self.diagnostics.set_probe_batch(self.model, self.normalize(self.train_x[:self.batch_size]),
+                                         self.train_y[:self.batch_size], float(t.label_smoothing))
 
         # Run position, accumulators, records.
         self.gen = torch.Generator(device=device)
@@ -214,6 +216,20 @@ class Run:
                     p.grad = None
         self.trainable = list(mask)
 
+    def _loss_at(self, x: torch.Tensor, y: torch.Tensor):
+        """The ``loss_at`` statistic: this batch's loss as a function of the layer parameters."""
+        if not hasattr(self, "param_names"):
+            name_of = {id(p): n for n, p in self.model.named_parameters()}
+            self.param_names = [name_of[id(p)] for p in self.params]
+
+        def loss_at(params):
+            buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # BN stats untouched
+            with self.autocast():
+                out = torch.func.functional_call(self.model, (dict(zip(self.param_names, params)), buffers),
+                                                 (self.normalize(x),))
+                return F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+        return loss_at
+
     # ------------------------------------------------------------------ one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         step, controller, needs = self.step, self.controller, self.needs
@@ -240,6 +256,8 @@ class Run:
             needs = needs | self.diagnostics.needs
         prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
         stats = {}
+        if "loss_at" in needs:
+            stats["loss_at"] = self._loss_at(x, y)
         if needs:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             if "grad_norm" in needs:
@@ -263,7 +281,7 @@ class Run:
         if self.observes:
             controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
         if probe:
-            self.diagnostics.record_step(step, stats)
+            self.diagnostics.record_step(step, stats, prev)
         self.optimizer.zero_grad(set_to_none=True)
 
         self.loss_sum.add_(loss.detach(), alpha=len(y))
@@ -317,6 +335,9 @@ class Run:
         self.records.add_metrics(row)
         layer_rows = self.diagnostics.at_evaluation(self.epoch, self.step)
         self.records.write_text(LAYER_STATS, self.diagnostics.csv())
+        for name, rows in self.controller.records().items():
+            header = list(dict.fromkeys(k for row in rows for k in row))
+            self.records.write_text(f"{name}.csv", csv_text(header, ([row.get(k, "") for k in header] for row in rows)))
         new_trace = self.flush_trace()
         self.logger.log_evaluation(row, self.records.trace_header, new_trace, layer_rows)
         self.loss_sum.zero_()
