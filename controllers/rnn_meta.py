@@ -1,0 +1,387 @@
+"""``rnn_meta``: a small recurrent meta-learner that outputs one LR scale per layer.
+
+Every ``every`` steps a GRU cell (Cho et al. 2014, arXiv 1406.1078), with weights shared
+across layers, reads one feature vector per layer and writes that layer's log-scale::
+
+    x_l(t)  = normalise([log‖g_l‖, log‖θ_l‖, log(‖u_l‖/‖θ_l‖), cos(g_l(t), −u_l(t−1)),
+                         rotation_l, depth_l, progress, log L(t) − log L̄])
+    h_l(t)  = GRU([x_l(t), mean_k h_k(t−1)], h_l(t−1))      (the mean: the optional mixing step)
+    log s_l = log b_l + c + r·tanh(w·h_l(t) + a)             c ± r = log max_scale, log min_scale
+
+``b_l`` is the baseline (1, a constant per layer, or a replayed schedule: a
+``meta_llr.export`` JSON or a run's ``llr.csv``). The
+output bias ``a`` starts where ``s_l = b_l``. Scale-dependent features (the logs and the
+loss change) are standardised by running means and variances over layers and time, as
+learned optimizers do (Andrychowicz et al. 2016, arXiv 1606.04474; Metz et al. 2020,
+arXiv 2009.11243). ``cos(g_l(t), −u_l(t−1))`` is the cosine between this gradient and the
+previous update's direction: exactly the previous gradient's for SGD without momentum or
+decay, the momentum buffer's otherwise; it costs no copy of the gradient. Layer rotation is
+``1 − cos(w_l(t), w_l(0))`` over the kernels (Carbonnelle & De Vleeschouwer, arXiv 1806.01603)
+and needs one copy of the initial kernels (≤ 1× the parameter bytes).
+
+How the learner learns (``learn=``):
+
+* ``online`` (default): the one-step hypergradient (Baydin et al. 2018, arXiv 1703.04782).
+  With ``θ(t+1) = θ(t) + u(t)`` and ``u_l ∝ s_l`` (plain SGD), ``∂θ_l(t+1)/∂log s_l(t) = u_l(t)``,
+  so ``∂L(t+1)/∂log s_l(t) = g_l(t+1)·u_l(t) = −η_l·g_l(t+1)·g_l(t)``: the loop's
+  ``grad_dot_prev_update``. With momentum or Adam it is the standard approximation (it
+  ignores the scale's effect on later updates through the momentum buffer). These
+  per-layer signals, each divided by its running RMS (a positive diagonal preconditioner),
+  are back-propagated into the GRU through its outputs by truncated BPTT over ``horizon``
+  outputs (the window is replayed from its stored inputs with the current weights, then one
+  step of the learner's own Adam, ``meta_lr``). One-step signals are biased towards too
+  small LRs (short-horizon bias, Wu et al. 2018, arXiv 1803.02021); ``unrolled`` and
+  meta-training (``python -m meta_llr.metatrain``) are the remedies.
+* ``unrolled``: the signal is ``∂L_val(θ_k)/∂log s`` after a ``unroll``-step SGD lookahead
+  from the current weights on training batches, ``L_val`` on a held-out batch, computed with
+  ``torch.func`` every ``meta_every`` steps (:func:`meta_llr.metatrain.unrolled_hypergradient`;
+  cost per step ≈ (3·unroll + 1)/meta_every training steps). The loop does not hand batches
+  to controllers, so it works through the API only: ``controller.attach_lookahead(...)``.
+* ``off``: frozen weights from ``weights=PATH`` (written by ``meta_llr.metatrain`` or
+  :meth:`RNNMeta.save_weights`); ``weights=null`` keeps the seeded initial weights.
+  Evolution strategies over whole runs (``meta_llr.metatrain``) have no truncation bias
+  (Metz et al. 2019, arXiv 1810.10180).
+
+Cost: a few dozen tiny batched ops per firing (``[L, 8]`` features, one GRU cell on ``L`` rows),
+no host sync; the learner has ≈ 2k parameters with ``hidden=16``.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from meta_llr.errors import UserError
+from meta_llr.interface import Controller, register
+
+NUM_FEATURES = 8
+NORMALISED = [0, 1, 2, 7]      # features standardised by running statistics
+WEIGHTS_FORMAT = "meta_llr.rnn_meta/1"
+EPS = 1e-12
+
+
+def _kernels(layer) -> list[torch.Tensor]:
+    return [p for p in layer.params if p.dim() > 1] or list(layer.params)
+
+
+class Learner(nn.Module):
+    """The shared-weight GRU cell and its bounded output head."""
+
+    def __init__(self, hidden: int, mix: bool, seed: int, min_scale: float, max_scale: float):
+        super().__init__()
+        self.mix = mix
+        with torch.random.fork_rng(devices=[]):   # never touch the run's global RNG
+            torch.manual_seed(seed)
+            self.cell = nn.GRUCell(NUM_FEATURES + (hidden if mix else 0), hidden)
+            self.head = nn.Linear(hidden, 1)
+            nn.init.normal_(self.head.weight, std=0.1 / math.sqrt(hidden))
+        lo, hi = math.log(min_scale), math.log(max_scale)
+        self.center, self.radius = (hi + lo) / 2, (hi - lo) / 2
+        with torch.no_grad():  # tanh(a) = -c/r: the output starts at log s = log b
+            self.head.bias.fill_(math.atanh(-self.center / self.radius))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [L, F]``, ``h [L, H]`` -> (log-scale offset ``[L]``, new hidden ``[L, H]``)."""
+        if self.mix:
+            x = torch.cat([x, h.mean(0, keepdim=True).expand(h.shape[0], -1)], dim=1)
+        h = self.cell(x, h)
+        return self.center + self.radius * torch.tanh(self.head(h).squeeze(1)), h
+
+
+@register("rnn_meta")
+class RNNMeta(Controller):
+    """A GRU meta-learner producing per-layer log-scales; learns online, unrolled, or is frozen."""
+
+    needs = frozenset({"grad_norm", "weight_norm", "update_norm", "grad_dot_prev_update"})
+
+    def __init__(self, learn: str = "online", weights: str | None = None, hidden: int = 16,
+                 mix: bool = True, min_scale: float = 0.1, max_scale: float = 10.0,
+                 every: int = 1, horizon: int = 4, meta_lr: float = 0.01,
+                 unroll: int = 3, meta_every: int = 10, feature_decay: float = 0.99,
+                 baseline: list[float] | None = None, baseline_schedule: str | None = None,
+                 seed: int = 0):
+        if learn not in ("online", "unrolled", "off"):
+            raise ValueError(f"learn must be online, unrolled or off, got {learn!r}")
+        if not 0 < min_scale < 1 < max_scale:
+            raise ValueError(f"need 0 < min_scale < 1 < max_scale, got {min_scale}, {max_scale}")
+        for key, value in (("hidden", hidden), ("every", every), ("horizon", horizon),
+                           ("unroll", unroll), ("meta_every", meta_every)):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1, got {value}")
+        if meta_lr < 0 or not 0 < feature_decay < 1:
+            raise ValueError("meta_lr must be >= 0 and feature_decay in (0, 1)")
+        if baseline is not None and any(b <= 0 for b in baseline):
+            raise ValueError(f"baseline scales must be > 0, got {baseline}")
+        if baseline is not None and baseline_schedule is not None:
+            raise ValueError("give baseline or baseline_schedule, not both")
+        self.learn, self.weights_path, self.hidden, self.mix = learn, weights, hidden, mix
+        self.every, self.horizon, self.meta_lr = every, horizon, meta_lr
+        self.unroll, self.meta_every, self.decay = unroll, meta_every, feature_decay
+        self.baseline, self.baseline_schedule = baseline, baseline_schedule
+        self.learner = Learner(hidden, mix, seed, min_scale, max_scale)
+        if weights is not None:
+            self.load_weights(weights)
+        self.lookahead = None
+
+    # ------------------------------------------------------------------ weights
+    def weights_dict(self) -> dict:
+        return {"format": WEIGHTS_FORMAT, "hidden": self.hidden, "mix": self.mix,
+                "center": self.learner.center, "radius": self.learner.radius,
+                "params": {k: v.detach().cpu().clone() for k, v in self.learner.state_dict().items()}}
+
+    def save_weights(self, path: str | Path) -> None:
+        from meta_llr.records import save_atomic
+        save_atomic(self.weights_dict(), path)
+
+    def load_weights(self, source: str | Path | dict) -> None:
+        if not isinstance(source, dict):
+            path = Path(source)
+            if not path.is_file():
+                raise UserError(f"controller.weights={source} does not exist; pass the weights.pt "
+                                "written by python -m meta_llr.metatrain")
+            try:
+                source = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise UserError(f"controller.weights={path} is not a readable weights file ({error})") from None
+        if not isinstance(source, dict) or source.get("format") != WEIGHTS_FORMAT:
+            raise UserError(f"controller.weights is not an rnn_meta weights file (format {WEIGHTS_FORMAT})")
+        if (source["hidden"], source["mix"]) != (self.hidden, self.mix):
+            raise UserError(f"controller.weights has hidden={source['hidden']} mix={source['mix']}; "
+                            f"pass controller.hidden={source['hidden']} controller.mix={source['mix']}")
+        with torch.no_grad():
+            for name, p in self.learner.state_dict().items():
+                p.copy_(source["params"][name])
+
+    def flat(self) -> torch.Tensor:
+        """All learner parameters as one 1-D float32 CPU tensor (for evolution strategies)."""
+        return torch.cat([p.detach().float().cpu().reshape(-1) for p in self.learner.parameters()])
+
+    def load_flat(self, vector: torch.Tensor) -> None:
+        with torch.no_grad():
+            i = 0
+            for p in self.learner.parameters():
+                p.copy_(vector[i:i + p.numel()].view_as(p))
+                i += p.numel()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, layers, plan):
+        super().setup(layers, plan)
+        device, L, H = plan.device, self.num_layers, self.hidden
+        self.learner.to(device)
+        self.params = list(self.learner.parameters())
+        self.log_base = self._baseline_table(device)        # [rows, L]
+        self.depth_dev = self.depths.to(device)
+        self.kernels = [k for layer in layers for k in _kernels(layer)]
+        self.kernel_layer = torch.tensor([l.index for l in layers for _ in _kernels(l)], device=device)
+        self.initial = [k.detach().clone() for k in self.kernels]
+        self.normalised = torch.zeros(NUM_FEATURES, dtype=torch.bool, device=device)
+        self.normalised[NORMALISED] = True
+        zeros = lambda *shape: torch.zeros(*shape, device=device)
+        self.hidden_state = zeros(L, H)
+        slots = 2 * self.horizon                             # double-buffered BPTT windows
+        self.window_x = zeros(slots, L, NUM_FEATURES)
+        self.window_signal = zeros(slots, L)
+        self.window_start = zeros(2, L, H)
+        self.signal_sq = zeros(L)                            # running mean of signal² per layer
+        self.feature_mean, self.feature_sq = zeros(NUM_FEATURES), zeros(NUM_FEATURES)
+        self.prev_update_norm = zeros(L)
+        self.log_loss_avg = zeros(())
+        self.adam_m = [torch.zeros_like(p) for p in self.params]
+        self.adam_v = [torch.zeros_like(p) for p in self.params]
+        self.meta_steps = 0
+        with torch.no_grad():                                # output 0, from zero features
+            self.offset, self.hidden_state = self.learner(self.window_x[0], self.hidden_state)
+        self.current = zeros(L)
+        self._set_scales(0)
+
+    def _baseline_table(self, device) -> torch.Tensor:
+        L = self.num_layers
+        if self.baseline_schedule is not None:
+            return self._read_schedule(Path(self.baseline_schedule), device)
+        base = [1.0] * L if self.baseline is None else list(self.baseline)
+        if len(base) == 1:
+            base = base * L
+        if len(base) != L:
+            raise UserError(f"controller.baseline has {len(base)} values but the model has {L} layers; "
+                            f"give {L} values or one")
+        return torch.tensor(base, dtype=torch.float32, device=device).log().unsqueeze(0)
+
+    def _read_schedule(self, path: Path, device) -> torch.Tensor:
+        """A schedule resampled to ``[steps, L]`` log-scales: a ``meta_llr.export`` JSON
+        (piecewise linear in progress) or a run's ``llr.csv`` (piecewise constant, like the trace)."""
+        if path.suffix == ".json":
+            from meta_llr.export import load_schedule
+            layers = load_schedule(path)["layers"]
+            if len(layers) != self.num_layers:
+                raise UserError(f"controller.baseline_schedule={path} has {len(layers)} layers, the model "
+                                f"{self.num_layers}; export a run of the same model")
+            steps = np.arange(self.plan.total_steps) / self.plan.total_steps
+            table = np.stack([np.interp(steps, layer["knots"], layer["values"]) for layer in layers], axis=1)
+            return torch.tensor(table, dtype=torch.float64).clamp_min(1e-8).log().float().to(device)
+        if not path.is_file():
+            raise UserError(f"controller.baseline_schedule={path} does not exist; pass a run's llr.csv "
+                            "or a schedule from python -m meta_llr.export")
+        with path.open() as f:
+            rows = list(csv.reader(f))
+        header, body = rows[0], rows[1:]
+        if "progress" not in header or len(header) - 3 != self.num_layers or not body:
+            raise UserError(f"controller.baseline_schedule={path} needs columns step,progress,global_lr and "
+                            f"{self.num_layers} layer columns")
+        table = torch.tensor([[float(v) for v in row] for row in body], dtype=torch.float64)
+        progress, scales = table[:, 1].contiguous(), table[:, 3:].clamp_min(1e-8)
+        steps = torch.arange(self.plan.total_steps, dtype=torch.float64) / self.plan.total_steps
+        index = torch.searchsorted(progress, steps, right=True).sub(1).clamp(0, len(progress) - 1)
+        return scales[index].log().float().to(device)        # piecewise constant, like the trace
+
+    def _set_scales(self, step: int) -> None:
+        base = self.log_base[min(step, len(self.log_base) - 1)]
+        torch.exp(base + self.offset, out=self.current)
+
+    def scales(self, step: int) -> torch.Tensor:
+        if len(self.log_base) > 1 and step % self.every != 0:   # a replayed baseline moves every step
+            self._set_scales(step)
+        return self.current
+
+    # ------------------------------------------------------------------ observe
+    @torch.no_grad()
+    def observe(self, step, stats):
+        every, k = self.every, self.horizon
+        if self.learn == "unrolled" and self.lookahead is None:
+            raise UserError("controller.learn=unrolled needs held-out batches, which the training loop "
+                            "does not hand to controllers; call controller.attach_lookahead(...) from "
+                            "Python, or use controller.learn=online")
+        # 1) the signal for the output used at step-1 (online: ∂L(t)/∂log s(t−1)).
+        if step >= 1 and self.learn == "online":
+            slot = ((step - 1) // every) % (2 * k)
+            self.window_signal[slot].add_(stats["grad_dot_prev_update"])
+        log_loss = stats["loss"].float().clamp_min(EPS).log()
+        if step == 0:
+            self.log_loss_avg.copy_(log_loss)
+        fire = (step + 1) % every == 0
+        if fire:
+            features = self._features(step, stats, log_loss)
+        self.log_loss_avg.lerp_(log_loss, 0.1)
+        self.prev_update_norm.copy_(stats["update_norm"])
+        # 2) a window of `horizon` outputs with complete signals: one meta step.
+        if self.learn != "off" and step % every == 0 and step >= every:
+            done = step // every - 1                            # this output's signal is complete
+            if (done + 1) % k == 0:
+                self._meta_step(done + 1 - k)
+        if not fire:
+            return
+        # 3) the next output, n = (step + 1) // every, used from step + 1 on.
+        n = (step + 1) // every
+        slot = n % (2 * k)
+        if n % k == 0:
+            self.window_start[(n // k) % 2].copy_(self.hidden_state)
+        self.window_x[slot].copy_(features)
+        self.window_signal[slot].zero_()
+        self.offset, self.hidden_state = self.learner(features, self.hidden_state)
+        self._set_scales(step + 1)
+        if self.learn == "unrolled" and (step + 1) % self.meta_every == 0:
+            self.window_signal[slot].copy_(self._unrolled_signal(step + 1))
+
+    def _features(self, step, stats, log_loss) -> torch.Tensor:
+        grad_norm, weight_norm, update_norm = stats["grad_norm"], stats["weight_norm"], stats["update_norm"]
+        dots = torch.stack([torch.sum(k * k0) for k, k0 in zip(self.kernels, self.initial)])
+        norms = torch.stack(torch._foreach_norm(self.kernels)) * torch.stack(torch._foreach_norm(self.initial))
+        L = self.num_layers
+        dot_l = torch.zeros(L, device=dots.device).index_add_(0, self.kernel_layer, dots)
+        norm_l = torch.zeros(L, device=dots.device).index_add_(0, self.kernel_layer, norms)
+        log_w = weight_norm.clamp_min(EPS).log()
+        x = torch.stack([
+            grad_norm.clamp_min(EPS).log(),
+            log_w,
+            update_norm.clamp_min(EPS).log() - log_w,
+            -stats["grad_dot_prev_update"] / (grad_norm * self.prev_update_norm).clamp_min(EPS),
+            1 - dot_l / norm_l.clamp_min(EPS),
+            self.depth_dev,
+            torch.full_like(grad_norm, self.plan.progress(step)),
+            (log_loss - self.log_loss_avg).expand(L),
+        ], dim=1)
+        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4).clamp(-1e4, 1e4)  # a diverging run
+        # running standardisation (bias-corrected EMAs over layers and time)
+        fires = step // self.every + 1
+        self.feature_mean.lerp_(x.mean(0), 1 - self.decay)
+        self.feature_sq.lerp_((x * x).mean(0), 1 - self.decay)
+        correction = 1 - self.decay ** fires
+        mean, sq = self.feature_mean / correction, self.feature_sq / correction
+        std = (sq - mean * mean).clamp_min(1e-8).sqrt()
+        return torch.where(self.normalised, (x - mean) / std, x).clamp(-5, 5)
+
+    def _meta_step(self, first: int) -> None:
+        """Replay outputs ``first .. first+horizon-1`` with the current weights; one Adam step."""
+        k = self.horizon
+        window = slice(first % (2 * k), first % (2 * k) + k)   # first is a multiple of k: contiguous
+        signal = torch.nan_to_num(self.window_signal[window], nan=0.0, posinf=0.0, neginf=0.0)  # [k, L]
+        inputs = self.window_x[window]
+        self.signal_sq.lerp_((signal * signal).mean(0), 0.1)
+        self.meta_steps += 1
+        rms = (self.signal_sq / (1 - 0.9 ** self.meta_steps)).sqrt()
+        signal = signal / (rms + 1e-30)
+        h = self.window_start[(first // k) % 2]
+        surrogate = torch.zeros((), device=h.device)
+        with torch.enable_grad():
+            for j in range(k):
+                offset, h = self.learner(inputs[j], h)
+                surrogate = surrogate + (signal[j] * offset).sum()
+            grads = torch.autograd.grad(surrogate, self.params)
+        self._adam(grads)
+
+    @torch.no_grad()
+    def _adam(self, grads, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        t = self.meta_steps
+        torch._foreach_lerp_(self.adam_m, grads, 1 - beta1)
+        torch._foreach_mul_(self.adam_v, beta2)
+        torch._foreach_addcmul_(self.adam_v, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(self.adam_v)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** t))
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(self.params, self.adam_m, denom, -self.meta_lr / (1 - beta1 ** t))
+
+    # ------------------------------------------------------------------ unrolled
+    def attach_lookahead(self, model: nn.Module, loss_fn, sample_batches) -> None:
+        """Enable ``learn=unrolled``: ``sample_batches()`` returns (train batches, held-out batch).
+
+        ``model`` is the trained module (its parameters are the layers' parameters); ``loss_fn``
+        maps (outputs, targets) to a scalar. Each call uses ``unroll`` train batches.
+        """
+        self.lookahead = (model, loss_fn, sample_batches)
+
+    def _unrolled_signal(self, step: int) -> torch.Tensor:
+        from meta_llr.metatrain import unrolled_hypergradient
+        model, loss_fn, sample = self.lookahead
+        train_batches, held_out = sample()
+        layer_of = {id(p): layer.index for layer in self.layers for p in layer.params}
+        log_scales = self.current.log()
+        lr = self.plan.global_lr(step)
+        with torch.enable_grad():
+            _, grad = unrolled_hypergradient(model, loss_fn, log_scales, layer_of, train_batches[:self.unroll],
+                                             held_out, lr)
+        return grad.detach()
+
+    # ------------------------------------------------------------------ state
+    _STATE = ("hidden_state", "window_x", "window_signal", "window_start", "signal_sq", "feature_mean",
+              "feature_sq", "prev_update_norm", "log_loss_avg", "offset", "current")
+
+    def state_dict(self) -> dict:
+        state = {name: getattr(self, name).clone() for name in self._STATE}
+        state.update(learner=self.weights_dict()["params"], adam_m=[m.clone() for m in self.adam_m],
+                     adam_v=[v.clone() for v in self.adam_v], meta_steps=self.meta_steps,
+                     initial=[k.clone() for k in self.initial])
+        return state
+
+    def load_state_dict(self, state) -> None:
+        for name in self._STATE:
+            getattr(self, name).copy_(state[name])
+        with torch.no_grad():
+            for name, p in self.learner.state_dict().items():
+                p.copy_(state["learner"][name])
+        torch._foreach_copy_(self.adam_m, list(state["adam_m"]))
+        torch._foreach_copy_(self.adam_v, list(state["adam_v"]))
+        torch._foreach_copy_(self.initial, list(state["initial"]))
+        self.meta_steps = int(state["meta_steps"])

@@ -1,0 +1,263 @@
+"""rnn_meta: learns the right layer ordering on a quadratic, exact hypergradients, weights, determinism."""
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from baselines.uniform import Uniform
+from controllers.rnn_meta import RNNMeta
+from meta_llr.errors import UserError
+from meta_llr.interface import Layer, Plan
+from meta_llr.metatrain import unrolled_hypergradient
+from meta_llr.train import Run
+from tests.conftest import TINY, compose_config
+
+CURVATURES = (1.0, 10.0, 100.0)
+LR = 0.018  # η·λ = 0.018, 0.18, 1.8: far too small for the flat layer, near the limit 2 for the sharp one
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The learner's ops are tiny: intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Quadratic:
+    """``L = Σ_l ½ λ_l ‖θ_l‖²`` by plain SGD at ``lr·s_l``; ``observe`` gets the loop's statistics."""
+
+    def __init__(self, curvatures=CURVATURES, dim=8, lr=LR, steps=100, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.curvatures = torch.tensor(curvatures)
+        self.theta = [torch.randn(1, dim, generator=gen) for _ in curvatures]
+        last = len(curvatures) - 1
+        self.layers = [Layer(index=i, name=f"q{i}", depth=i / last, params=[t], weight=t)
+                       for i, t in enumerate(self.theta)]
+        self.plan = Plan(total_steps=steps, steps_per_epoch=steps, epochs=1, device=torch.device("cpu"),
+                         lr_table=torch.full((steps,), lr))
+        self.prev_update = [torch.zeros_like(t) for t in self.theta]
+
+    def loss(self) -> torch.Tensor:
+        return sum(0.5 * c * (t * t).sum() for c, t in zip(self.curvatures, self.theta))
+
+    def step(self, controller, step: int) -> None:
+        scales, lr = controller.scales(step), self.plan.lr_table[step]
+        grads = [c * t for c, t in zip(self.curvatures, self.theta)]
+        stats = {"loss": self.loss(), "global_lr": lr, "scales": scales,
+                 "grad_norm": torch.stack([g.norm() for g in grads]),
+                 "grad_dot_prev_update": torch.stack([(g * u).sum() for g, u in zip(grads, self.prev_update)])}
+        for i, (theta, g) in enumerate(zip(self.theta, grads)):
+            self.prev_update[i] = -lr * scales[i] * g
+            theta.add_(self.prev_update[i])
+        stats["update_norm"] = torch.stack([u.norm() for u in self.prev_update])
+        stats["weight_norm"] = torch.stack([t.norm() for t in self.theta])
+        controller.observe(step, stats)
+
+    def run(self, controller) -> float:
+        controller.setup(self.layers, self.plan)
+        for step in range(self.plan.total_steps):
+            self.step(controller, step)
+        return float(self.loss())
+
+
+def test_online_learner_raises_flat_layers_above_the_sharp_one_and_beats_uniform():
+    uniform_loss = Quadratic().run(Uniform())
+    controller = RNNMeta(learn="online")
+    loss = Quadratic().run(controller)
+    flat, middle, sharp = controller.current.tolist()
+    assert flat > sharp and middle > sharp, controller.current
+    assert flat > 2.0                        # the flat layer's LR was far too small
+    assert LR * CURVATURES[2] * sharp < 2.0   # the sharp layer stays stable
+    assert loss < 0.01 * uniform_loss, (loss, uniform_loss)
+
+
+def test_initial_scales_are_the_baseline_and_bounded():
+    controller = RNNMeta(learn="off", min_scale=0.5, max_scale=4.0, baseline=[1.0, 2.0, 0.5])
+    quad = Quadratic(steps=30)
+    controller.setup(quad.layers, quad.plan)
+    assert torch.allclose(controller.scales(0), torch.tensor([1.0, 2.0, 0.5]), rtol=0.05)
+    controller.learner.head.weight.data.fill_(100.0)   # saturate the tanh: scales hit the bounds
+    quad.run(controller)
+    ratio = controller.current / torch.tensor([1.0, 2.0, 0.5])
+    at_a_bound = ((ratio - 0.5).abs() < 1e-3) | ((ratio - 4.0).abs() < 1e-3)
+    assert at_a_bound.all(), ratio
+
+
+def test_hypergradient_statistic_matches_finite_differences_of_the_next_step_loss(tmp_path):
+    """∂L(t+1)/∂log s_l(t) = g_l(t+1)·u_l(t): the loop's ``grad_dot_prev_update`` (plain SGD)."""
+    cfg = compose_config(*TINY, "controller=rnn_meta", "trainer.momentum=0", "trainer.weight_decay=0")
+    run = Run(cfg, tmp_path)
+    seen = {}
+    observe = run.controller.observe
+    run.controller.observe = lambda step, stats: (seen.__setitem__(step, dict(stats)), observe(step, stats))
+    batches = run.batches()
+    (x0, y0), (x1, y1) = next(batches), next(batches)
+    before = [p.detach().clone() for p in run.params]
+    run.train_step(x0, y0)
+    update = [p.detach() - b for p, b in zip(run.params, before)]
+    run.train_step(x1, y1)
+    hypergradient = seen[1]["grad_dot_prev_update"].double()
+
+    model = copy.deepcopy(run.model).double()
+    params = [p for layer in run.layers for p in layer.params]
+    position = {id(p): i for i, p in enumerate(params)}
+    x, eps = run.normalize(x1).double(), 1e-3
+
+    def next_loss(layer_index: int, delta: float) -> float:
+        with torch.no_grad():
+            for (name, p_double), p in zip(model.named_parameters(), run.model.parameters()):
+                i = position[id(p)]
+                factor = torch.exp(torch.tensor(delta, dtype=torch.float64)) if i in layer_params else 1.0
+                p_double.copy_(before[i].double() + factor * update[i].double())
+            return F.cross_entropy(model(x), y1).item()
+
+    for layer in run.layers:
+        layer_params = {position[id(p)] for p in layer.params}
+        finite_difference = (next_loss(layer.index, eps) - next_loss(layer.index, -eps)) / (2 * eps)
+        assert hypergradient[layer.index].item() == pytest.approx(finite_difference, rel=1e-3)
+
+
+def test_unrolled_hypergradient_matches_finite_differences():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    layer_of = {id(p): (0 if i < 2 else 1) for i, p in enumerate(model.parameters())}
+    batches = [(torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))) for _ in range(4)]
+    train, held_out = batches[:3], batches[3]
+    log_s = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    value, grad = unrolled_hypergradient(model, F.cross_entropy, log_s, layer_of, train, held_out, lr=0.5)
+
+    def lookahead_loss(log_scales):
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        for x, y in train:
+            clone = copy.deepcopy(model)
+            with torch.no_grad():
+                for q, p in zip(clone.parameters(), params):
+                    q.copy_(p)
+            loss = F.cross_entropy(clone(x), y)
+            grads = torch.autograd.grad(loss, list(clone.parameters()))
+            params = [p - 0.5 * log_scales[0 if i < 2 else 1].exp() * g
+                      for i, (p, g) in enumerate(zip(params, grads))]
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            for q, p in zip(clone.parameters(), params):
+                q.copy_(p)
+        return F.cross_entropy(clone(held_out[0]), held_out[1]).item()
+
+    assert value.item() == pytest.approx(lookahead_loss(log_s), rel=1e-12)
+    eps = 1e-5
+    for layer in range(2):
+        step = torch.zeros(2, dtype=torch.float64)
+        step[layer] = eps
+        finite_difference = (lookahead_loss(log_s + step) - lookahead_loss(log_s - step)) / (2 * eps)
+        assert grad[layer].item() == pytest.approx(finite_difference, rel=1e-6)
+    assert grad.abs().min() > 1e-6  # both layers matter: the test would notice a zero gradient
+
+
+def test_weights_save_load_round_trip(tmp_path):
+    trained = RNNMeta(learn="online")
+    Quadratic(steps=40).run(trained)
+    path = tmp_path / "weights.pt"
+    trained.save_weights(path)
+    frozen = RNNMeta(learn="off", weights=str(path))
+    assert torch.equal(frozen.flat(), trained.flat())
+    assert not torch.equal(frozen.flat(), RNNMeta().flat())  # online learning changed the weights
+    fresh = RNNMeta(learn="off")
+    fresh.load_flat(trained.flat())
+    assert torch.equal(fresh.flat(), trained.flat())
+
+
+def test_bad_weights_give_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        RNNMeta(learn="off", weights=str(tmp_path / "missing.pt"))
+    RNNMeta(hidden=8).save_weights(tmp_path / "w8.pt")
+    with pytest.raises(UserError, match="controller.hidden=8"):
+        RNNMeta(learn="off", weights=str(tmp_path / "w8.pt"))
+    with pytest.raises(ValueError):
+        RNNMeta(min_scale=2.0)
+
+
+def test_learn_off_is_deterministic_and_uses_the_weights(tmp_path):
+    trained = RNNMeta(learn="online", meta_lr=0.05)
+    Quadratic(steps=60).run(trained)
+    trained.save_weights(tmp_path / "weights.pt")
+    results = []
+    for name in ("a", "b"):
+        cfg = compose_config(*TINY, "controller=rnn_meta", "controller.learn=off",
+                             f"controller.weights={tmp_path / 'weights.pt'}")
+        run = Run(cfg, tmp_path / name)
+        for _ in range(run.epochs):
+            for x, y in run.batches():
+                run.train_step(x, y)
+        results.append((run.trace.clone(), [p.detach().clone() for p in run.params], run.controller.flat()))
+    (trace_a, params_a, flat_a), (trace_b, params_b, flat_b) = results
+    assert torch.equal(trace_a, trace_b)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert torch.equal(flat_a, trained.flat()) and torch.equal(flat_b, trained.flat())  # frozen
+    assert (trace_a[1:] - 1).abs().max() > 1e-3   # the learned weights move the scales
+
+
+def test_unrolled_mode_through_the_api(tmp_path):
+    cfg = compose_config(*TINY, "controller=rnn_meta", "controller.learn=unrolled", "controller.meta_every=2",
+                         "controller.unroll=2", "controller.horizon=1")
+    run = Run(cfg, tmp_path / "unrolled")
+    x_all, y_all = run.train_x, run.train_y
+
+    def sample():
+        batches = [(run.normalize(x_all[i * 8:(i + 1) * 8]), y_all[i * 8:(i + 1) * 8]) for i in range(3)]
+        return batches[:2], batches[2]
+
+    run.controller.attach_lookahead(run.model, F.cross_entropy, sample)
+    start = run.controller.flat()
+    for x, y in run.batches():
+        run.train_step(x, y)
+    assert not torch.equal(run.controller.flat(), start)
+    assert torch.isfinite(run.controller.current).all()
+
+    plain = Run(cfg, tmp_path / "plain")   # without attach_lookahead: a one-line error, not a crash
+    with pytest.raises(UserError, match="attach_lookahead"):
+        for x, y in plain.batches():
+            plain.train_step(x, y)
+
+
+def test_every_two_steps_still_learns_the_ordering():
+    controller = RNNMeta(learn="online", every=2, horizon=1)
+    loss = Quadratic().run(controller)
+    flat, middle, sharp = controller.current.tolist()
+    assert flat > sharp and middle > sharp
+    assert loss < 0.01 * Quadratic().run(Uniform())
+
+
+def test_replayed_baseline_schedule_from_an_llr_csv(tmp_path):
+    """A neutral learner (zero output weights, symmetric bounds: offset 0) replays llr.csv exactly."""
+    path = tmp_path / "llr.csv"
+    path.write_text("step,progress,global_lr,q0,q1,q2\n0,0.0,0.018,2.0,1.0,0.5\n5,0.5,0.018,1.0,1.0,0.25\n")
+    controller = RNNMeta(learn="off", baseline_schedule=str(path))
+    controller.learner.head.weight.data.zero_()
+    quad = Quadratic(steps=10)
+    controller.setup(quad.layers, quad.plan)
+    seen = []
+    for step in range(10):
+        seen.append(controller.scales(step).clone())
+        quad.step(controller, step)
+    assert torch.allclose(seen[0], torch.tensor([2.0, 1.0, 0.5]))
+    assert torch.allclose(seen[4], torch.tensor([2.0, 1.0, 0.5]))
+    assert torch.allclose(seen[5], torch.tensor([1.0, 1.0, 0.25]))
+    assert torch.allclose(seen[9], torch.tensor([1.0, 1.0, 0.25]))
+    with pytest.raises(UserError, match="layer columns"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text("step,progress,global_lr,q0\n0,0.0,0.1,1.0\n")
+        RNNMeta(baseline_schedule=str(bad)).setup(quad.layers, quad.plan)
+
+    exported = tmp_path / "schedule.json"   # meta_llr.export's format: piecewise linear in progress
+    exported.write_text(json.dumps({"format": "meta_llr.schedule/1", "layers": [
+        {"name": f"q{i}", "knots": [0.0, 0.5], "values": [1.0, v]} for i, v in enumerate((3.0, 1.0, 0.5))]}))
+    controller = RNNMeta(learn="off", baseline_schedule=str(exported))
+    controller.learner.head.weight.data.zero_()
+    controller.setup(quad.layers, quad.plan)
+    assert torch.allclose(controller.log_base[2].exp(), torch.tensor([1.8, 1.0, 0.8]))   # p = 0.2
+    assert torch.allclose(controller.log_base[7].exp(), torch.tensor([3.0, 1.0, 0.5]))   # after the last knot
