@@ -1,0 +1,576 @@
+"""Compare runs honestly: ``python -m meta_llr.compare RUN_DIRS... [options]``.
+
+Reads run directories (a study folder, a sweep, single runs; see ``meta_llr.runs``), groups
+them by controller (a study's runs carry their arm label, config key ``arm``, which takes the
+controller's place; ``--by KEY``: any summary key or dotted config key), and writes
+``compare.md``, ``compare.csv`` and PNG figures into ``--out``.
+
+Pooling rules (never silent):
+
+* runs with a different **setting** (data, model with its options, epochs) are never pooled:
+  each setting is compared on its own and the report says so;
+* inside a group, runs whose configs differ in anything else (LR, schedule, controller
+  options; seeds and paths excepted) are split into sub-groups ``label [key=value]``;
+* a ``diverged``, ``failed``, ``incomplete`` or ``unreadable`` run is counted in its group and
+  left out of every mean and test (its last numbers are not a result).
+
+Per group, over its finished runs (``n``): mean ± sample std (ddof 1) and the two-sided 95%
+t confidence interval ``mean ± t_{0.975, n-1} s / sqrt(n)`` of the final and best test
+accuracy; steps and epochs to the target test accuracy (first evaluation at or above it;
+median over the runs that reached it, and how many never did); ``loss_auc``, the area under
+the per-step training loss against epochs (``sum_i train_loss_i * epochs since the last
+evaluation``; lower = trains faster); the generalisation gap ``final_train_acc -
+final_test_acc`` (the train accuracy is the running mean over the last epoch, with
+augmentation, as recorded, so the gap reads low); wall time.
+
+Against the baseline group, on ``--metric``: Welch's t-test (``scipy.stats.ttest_ind`` with
+``equal_var=False``, two-sided), Holm's step-down correction across the groups of a setting
+(Holm 1979: sort the m p-values, ``p_adj(i) = max_{j<=i} min(1, (m - j + 1) p(j))``), and
+Hedges' g, ``g = J (mean_A - mean_B) / s_pooled`` with ``J = 1 - 3 / (4 (n_A + n_B) - 9)``.
+
+Figures: ``curves.png`` (test accuracy and train loss against epochs, mean and ±1 std band per
+group), ``llr_heatmap.png`` (mean LLR scale per layer × progress, one panel per group),
+``rotation.png`` (layer rotation against epochs per layer, one panel per group).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from meta_llr.errors import UserError
+from meta_llr.runs import RunDir, find_runs
+
+METRICS = ("final_test_acc", "best_test_acc", "loss_auc", "steps_to_target", "epochs_to_target",
+           "gen_gap", "wall_s", "final_train_loss", "final_test_loss")
+# Config keys that may differ inside a group without splitting it.
+IGNORED_KEYS = ("seed", "study", "quiet", "device", "logger", "wandb", "paths", "hydra", "arm",
+                "trainer.resume", "trainer.checkpoint", "trainer.compile", "trainer.log_every",
+                "trainer.eval_batch_size", "trainer.trace_every", "data.root", "data.path")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def mean_ci(values, confidence: float = 0.95) -> dict:
+    """Mean, sample std (ddof 1) and the two-sided t confidence interval of the mean."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    mean = float(x.mean())
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def hedges_g(a, b) -> float:
+    """Standardised mean difference (a - b) / pooled std, with the small-sample correction J."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return math.nan
+    pooled = math.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
+    if pooled == 0:
+        return math.copysign(math.inf, a.mean() - b.mean()) if a.mean() != b.mean() else 0.0
+    return (1 - 3 / (4 * (na + nb) - 9)) * (a.mean() - b.mean()) / pooled
+
+
+def welch(a, b, alternative: str = "two-sided") -> tuple[float, float]:
+    """Welch's t statistic and p-value; NaN when a side has fewer than 2 values."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:  # scipy gives NaN; the answer is plain
+        diff = a.mean() - b.mean()
+        if diff == 0:
+            return math.nan, 1.0
+        t = math.copysign(math.inf, diff)
+        p = {"two-sided": 0.0, "greater": 0.0 if diff > 0 else 1.0, "less": 0.0 if diff < 0 else 1.0}[alternative]
+        return t, p
+    result = stats.ttest_ind(a, b, equal_var=False, alternative=alternative)
+    return float(result.statistic), float(result.pvalue)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm-adjusted p-values, in the input order (NaN stays NaN and does not count in m)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    valid = np.flatnonzero(np.isfinite(p))
+    out = np.full(len(p), math.nan)
+    m = len(valid)
+    running = 0.0
+    for rank, index in enumerate(valid[np.argsort(p[valid], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        out[index] = running
+    return out.tolist()
+
+
+# ----------------------------------------------------------------------------- per run
+
+def first_reaching(metrics: list[dict], target: float, key: str = "test_acc") -> dict | None:
+    """The first evaluation row whose ``key`` is at or above ``target``, or None."""
+    for row in metrics:
+        value = row.get(key)
+        if value is not None and value >= target:
+            return row
+    return None
+
+
+def loss_auc(metrics: list[dict]) -> float:
+    """Area under the training loss against epochs: each evaluation's ``train_loss`` is the mean
+    per-step loss since the previous one, so the area is ``sum_i train_loss_i * (epoch_i - epoch_{i-1})``
+    (exact for the per-step curve, from epoch 0)."""
+    area, last = 0.0, 0
+    for row in metrics:
+        if row.get("train_loss") is None:
+            return math.nan
+        area += row["train_loss"] * (row["epoch"] - last)
+        last = row["epoch"]
+    return area if metrics else math.nan
+
+
+def run_values(run: RunDir, target: float | None) -> dict:
+    """The per-run numbers every comparison is made of."""
+    s = run.summary
+    values = {k: s.get(k) for k in ("final_test_acc", "best_test_acc", "wall_s", "final_train_loss",
+                                    "final_test_loss")}
+    values["loss_auc"] = loss_auc(run.metrics)
+    train, test = s.get("final_train_acc"), s.get("final_test_acc")
+    values["gen_gap"] = train - test if train is not None and test is not None else math.nan
+    hit = first_reaching(run.metrics, target) if target is not None else None
+    values["steps_to_target"] = hit["step"] if hit else math.nan
+    values["epochs_to_target"] = hit["epoch"] if hit else math.nan
+    for key, value in s.items():  # any other numeric summary key may be a --metric
+        if key not in values and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[key] = value
+    return {k: (math.nan if v is None else float(v)) for k, v in values.items()}
+
+
+# ----------------------------------------------------------------------------- grouping
+
+def flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node if not isinstance(node, list) else tuple(node)}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[RunDir]
+    values: list[dict] = field(default_factory=list)  # finished runs only
+
+    def counts(self) -> dict:
+        statuses = [r.status for r in self.runs]
+        return {s: statuses.count(s) for s in ("finished", "diverged", "failed", "incomplete", "unreadable")}
+
+    def metric(self, key: str) -> np.ndarray:
+        x = np.asarray([v.get(key, math.nan) for v in self.values], dtype=np.float64)
+        return x[np.isfinite(x)]
+
+
+@dataclass
+class Setting:
+    key: dict
+    groups: dict[str, Group]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.key.items())
+
+
+def group_label(run: RunDir, by: str) -> str:
+    if by == "controller":
+        return str(run.get("arm") or run.controller)
+    return str(run.get(by, "?"))
+
+
+def split_settings(runs: list[RunDir], by: str, baseline: str = "") -> list[Setting]:
+    """Split by setting, group by ``by``, and split groups whose configs differ."""
+    by_setting: dict[tuple, list[RunDir]] = defaultdict(list)
+    for run in runs:
+        by_setting[tuple(sorted(run.setting.items(), key=lambda kv: kv[0]))].append(run)
+    settings = []
+    for key, members in by_setting.items():
+        setting = Setting(dict(key), {})
+        grouped: dict[str, list[RunDir]] = defaultdict(list)
+        for run in members:
+            grouped[group_label(run, by)].append(run)
+        for label, group_runs in sorted(grouped.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
+            flats = [flatten(r.config) for r in group_runs]
+            keys = sorted({k for f in flats for k in f if not _ignored(k) and k != by})
+            differing = [k for k in keys if len({repr(f.get(k)) for f in flats}) > 1]
+            if not differing:
+                setting.groups[label] = Group(label, group_runs)
+                continue
+            setting.notes.append(f"group {label} pooled runs that differ in {', '.join(differing)}: "
+                                 "split into sub-groups")
+            parts: dict[str, list[RunDir]] = defaultdict(list)
+            for run, flat in zip(group_runs, flats):
+                parts[f"{label} [{', '.join(f'{k}={flat.get(k)}' for k in differing)}]"].append(run)
+            for sub_label, sub_runs in parts.items():
+                setting.groups[sub_label] = Group(sub_label, sub_runs)
+        settings.append(setting)
+    if len(settings) > 1:
+        for setting in settings:
+            setting.notes.insert(0, f"runs come from {len(settings)} different settings (data, model, epochs); "
+                                    "each is compared on its own, never pooled")
+    return settings
+
+
+# ----------------------------------------------------------------------------- the comparison
+
+@dataclass
+class Comparison:
+    settings: list[Setting]
+    baseline: str
+    metric: str
+    target: float | None
+    rows: list[dict]  # one per (setting, group): the compare.csv rows
+    by: str = "controller"
+
+
+def default_target(runs: list[RunDir]) -> float | None:
+    """The lowest per-controller mean final test accuracy: a level every group reaches on average."""
+    per: dict[str, list[float]] = defaultdict(list)
+    for run in runs:
+        if run.status == "finished" and run.summary.get("final_test_acc") is not None:
+            per[run.controller].append(run.summary["final_test_acc"])
+    if not per:
+        return None
+    return math.floor(min(np.mean(v) for v in per.values()) * 1000) / 1000
+
+
+def compare(runs: list[RunDir], baseline: str = "uniform", metric: str = "final_test_acc",
+            target: float | None = None, by: str = "controller") -> Comparison:
+    if target is None:
+        target = default_target(runs)
+    settings = split_settings(runs, by, baseline)
+    rows = []
+    for setting in settings:
+        for group in setting.groups.values():
+            group.values = [run_values(r, target) for r in group.runs if r.status == "finished"]
+        base = _baseline_group(setting, baseline)
+        if base is None:
+            setting.notes.append(f"no baseline group '{baseline}' in this setting: no tests "
+                                 f"(groups: {', '.join(setting.groups)}; choose one with --baseline)")
+        setting_rows = []
+        for group in setting.groups.values():
+            row = {"setting": setting.title, "group": group.label, "runs": len(group.runs), **group.counts()}
+            for key in ("final_test_acc", "best_test_acc"):
+                summary = mean_ci(group.metric(key))
+                row.update({f"{key}_{k}": v for k, v in summary.items() if k != "n"})
+            reached = group.metric("steps_to_target")
+            row["target_acc"] = target
+            row["reached_target"] = len(reached)
+            row["steps_to_target_median"] = float(np.median(reached)) if len(reached) else math.nan
+            epochs = group.metric("epochs_to_target")
+            row["epochs_to_target_median"] = float(np.median(epochs)) if len(epochs) else math.nan
+            for key in ("loss_auc", "gen_gap", "wall_s"):
+                x = group.metric(key)
+                row[f"{key}_mean"] = float(x.mean()) if len(x) else math.nan
+                row[f"{key}_std"] = float(x.std(ddof=1)) if len(x) > 1 else math.nan
+            row["metric"] = metric
+            values = group.metric(metric)
+            row["metric_mean"] = float(values.mean()) if len(values) else math.nan
+            if base is not None and group is not base:
+                other = base.metric(metric)
+                row["t"], row["p"] = welch(values, other)
+                row["hedges_g"] = hedges_g(values, other)
+                row["diff"] = row["metric_mean"] - (float(other.mean()) if len(other) else math.nan)
+            else:
+                row.update(t=math.nan, p=math.nan, hedges_g=math.nan, diff=math.nan)
+            setting_rows.append(row)
+        for row, adjusted in zip(setting_rows, holm([r["p"] for r in setting_rows])):
+            row["p_holm"] = adjusted
+        rows.extend(setting_rows)
+        for group in setting.groups.values():
+            bad = {k: v for k, v in group.counts().items() if k != "finished" and v}
+            if bad:
+                setting.notes.append(f"group {group.label}: " + ", ".join(f"{v} {k}" for k, v in bad.items())
+                                     + " run(s), counted but left out of means and tests")
+    return Comparison(settings, baseline, metric, target, rows, by)
+
+
+def _baseline_group(setting: Setting, baseline: str) -> Group | None:
+    if baseline in setting.groups:
+        return setting.groups[baseline]
+    matches = [g for label, g in setting.groups.items() if label.split(" [")[0] == baseline]
+    return matches[0] if len(matches) == 1 else None
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def MaxNLocator(**kwargs):
+    from matplotlib.ticker import MaxNLocator as locator
+    return locator(**kwargs)
+
+
+def _colors(labels):
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+def plot_curves(setting: Setting, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = _colors(setting.groups)
+    for label, group in setting.groups.items():
+        for ax, key in zip(axes, ("test_acc", "train_loss")):
+            series = defaultdict(list)
+            for run in group.runs:
+                if run.status != "finished":
+                    continue
+                for row in run.metrics:
+                    if row.get(key) is not None:
+                        series[row["epoch"]].append(row[key])
+            if not series:
+                continue
+            epochs = np.array(sorted(series))
+            mean = np.array([np.mean(series[e]) for e in epochs])
+            std = np.array([np.std(series[e], ddof=1) if len(series[e]) > 1 else 0.0 for e in epochs])
+            n = max(len(v) for v in series.values())
+            ax.plot(epochs, mean, color=colors[label], label=f"{label} (n={n})", lw=2, marker="o", ms=3)
+            ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2, lw=0)
+    axes[0].set(xlabel="epoch", ylabel="test accuracy", title="Test accuracy (mean ± 1 std over seeds)")
+    axes[1].set(xlabel="epoch", ylabel="train loss", title="Train loss (mean ± 1 std over seeds)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=9)
+    fig.suptitle(setting.title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mean_trace(runs: list[RunDir], grid: np.ndarray) -> tuple[list[str], np.ndarray] | None:
+    """The groups' LLR scale per layer on a common progress grid, averaged over runs: ``[L, G]``."""
+    names, stack = None, []
+    for run in runs:
+        trace = run.trace
+        if trace is None or run.status in ("unreadable",):
+            continue
+        layer_names, array = trace
+        if names is None:
+            names = layer_names
+        if layer_names != names:
+            continue
+        stack.append(np.stack([np.interp(grid, array[:, 1], array[:, 3 + i]) for i in range(len(names))]))
+    if not stack:
+        return None
+    return names, np.mean(stack, axis=0)
+
+
+def plot_heatmaps(setting: Setting, path: Path) -> bool:
+    plt = _plt()
+    grid = np.linspace(0, 1, 101)
+    panels = [(label, mean_trace(group.runs, grid)) for label, group in setting.groups.items()]
+    panels = [(label, t) for label, t in panels if t is not None]
+    if not panels:
+        return False
+    vmin = min(t[1].min() for _, t in panels)
+    vmax = max(t[1].max() for _, t in panels)
+    if vmax - vmin < 1e-9:
+        vmin, vmax = vmin - 0.5, vmax + 0.5
+    cols = 2 if len(panels) == 4 else min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    num_layers = max(len(t[0]) for _, t in panels)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 2.2, 1.2 + rows * max(2.4, 0.22 * num_layers)),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    image = None
+    for index, (ax, (label, (names, values))) in enumerate(zip(axes.flat, panels)):
+        image = ax.imshow(values, aspect="auto", origin="upper", cmap="viridis", vmin=vmin, vmax=vmax,
+                          extent=(0, 1, len(names) - 0.5, -0.5), interpolation="nearest")
+        ticks = np.unique(np.linspace(0, len(names) - 1, min(len(names), 12)).round().astype(int))
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([names[i] for i in ticks] if index % cols == 0 else [], fontsize=7)
+        ax.set_xlabel("progress (fraction of training)")
+        ax.set_title(label, fontsize=10)
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="LLR scale (mean over runs)", shrink=0.9)
+    fig.suptitle(f"LLR scale per layer (first layer on top) — {setting.title}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_rotation(setting: Setting, path: Path) -> bool:
+    plt = _plt()
+    panels = []
+    for label, group in setting.groups.items():
+        per_layer = defaultdict(lambda: defaultdict(list))  # layer -> epoch -> values
+        names = {}
+        for run in group.runs:
+            for row in run.layer_stats:
+                if isinstance(row.get("rotation"), (int, float)):
+                    per_layer[row["layer"]][row["epoch"]].append(row["rotation"])
+                    names[row["layer"]] = row["name"]
+        if per_layer:
+            panels.append((label, per_layer, names))
+    if not panels:
+        return False
+    cols = 2 if len(panels) == 4 else min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 1, 3.6 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    cmap = plt.get_cmap("plasma")
+    for ax, (label, per_layer, names) in zip(axes.flat, panels):
+        count = len(per_layer)
+        for layer in sorted(per_layer):
+            epochs = sorted(per_layer[layer])
+            ax.plot(epochs, [np.mean(per_layer[layer][e]) for e in epochs],
+                    color=cmap(0.85 * layer / max(count - 1, 1)), lw=1.5,
+                    label=names[layer] if count <= 8 or layer in (0, count - 1) else None)
+        ax.set(title=label, xlabel="epoch", yscale="log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("layer rotation 1 − cos(w, w₀)")
+    axes.flat[len(panels) - 1].legend(fontsize=7, title="layer (dark = first)", title_fontsize=7,
+                                      loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"Layer rotation (mean over runs) — {setting.title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- report
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pm(row, key) -> str:
+    mean, std, low, high = (row[f"{key}_{k}"] for k in ("mean", "std", "ci_low", "ci_high"))
+    if not math.isfinite(mean):
+        return "—"
+    text = f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f}"
+    return text + (f" [{low:.4f}, {high:.4f}]" if math.isfinite(low) else "")
+
+
+def write_outputs(comparison: Comparison, out: Path, title: str = "Comparison",
+                  figures: bool = True) -> dict[str, list[str]]:
+    """Write compare.csv, the figures (unless ``figures=False``) and compare.md into ``out``;
+    return the figure file names per setting."""
+    out.mkdir(parents=True, exist_ok=True)
+    header = list(comparison.rows[0]) if comparison.rows else []
+    with open(out / "compare.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(comparison.rows)
+    drawn = {}
+    for index, setting in enumerate(comparison.settings if figures else []):
+        suffix = "" if len(comparison.settings) == 1 else f"_{index + 1}"
+        names = [f"curves{suffix}.png"]
+        plot_curves(setting, out / names[0])
+        if plot_heatmaps(setting, out / f"llr_heatmap{suffix}.png"):
+            names.append(f"llr_heatmap{suffix}.png")
+        if plot_rotation(setting, out / f"rotation{suffix}.png"):
+            names.append(f"rotation{suffix}.png")
+        drawn[setting.title] = names
+    (out / "compare.md").write_text(markdown(comparison, drawn, title))
+    return drawn
+
+
+def markdown(comparison: Comparison, figures: dict[str, list[str]], title: str = "Comparison") -> str:
+    c = comparison
+    text = io.StringIO()
+    w = text.write
+    total = sum(len(g.runs) for s in c.settings for g in s.groups.values())
+    w(f"# {title}\n\n{total} runs in {len(c.settings)} setting(s). Groups by `{c.by}`; "
+      f"baseline `{c.baseline}`; tested metric `{c.metric}`; target test accuracy "
+      f"{_fmt(c.target, 3)}. Means ± sample std [95% t-interval] over finished runs.\n\n")
+    for setting in c.settings:
+        rows = [r for r in c.rows if r["setting"] == setting.title]
+        w(f"## {setting.title}\n\n")
+        for note in setting.notes:
+            w(f"> **Note:** {note}.\n\n")
+        w("| group | runs (fin/div/fail) | final test acc | best test acc | steps to target (median, reached) "
+          "| epochs to target | loss AUC | gen gap | wall s |\n|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            others = r["failed"] + r["incomplete"] + r["unreadable"]
+            w(f"| {r['group']} | {r['runs']} ({r['finished']}/{r['diverged']}/{others}) "
+              f"| {_pm(r, 'final_test_acc')} | {_pm(r, 'best_test_acc')} "
+              f"| {_fmt(r['steps_to_target_median'], 0)} ({r['reached_target']}/{r['finished']}) "
+              f"| {_fmt(r['epochs_to_target_median'], 1)} | {_fmt(r['loss_auc_mean'])} "
+              f"| {_fmt(r['gen_gap_mean'])} | {_fmt(r['wall_s_mean'], 1)} |\n")
+        w(f"\nWelch t-test of `{c.metric}` against `{c.baseline}` (two-sided), Holm-corrected across "
+          "groups; Hedges' g is the standardised difference (group − baseline).\n\n"
+          "| group | mean | diff vs baseline | t | p | p (Holm) | Hedges' g |\n|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            w(f"| {r['group']} | {_fmt(r['metric_mean'])} | {_fmt(r['diff'])} | {_fmt(r['t'], 3)} "
+              f"| {_fmt(r['p'], 3)} | {_fmt(r['p_holm'], 3)} | {_fmt(r['hedges_g'], 3)} |\n")
+        w("\n")
+        for name in figures.get(setting.title, []):
+            w(f"![{name}]({name})\n\n")
+    return text.getvalue()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m meta_llr.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dirs", nargs="+", help="run directories, or folders holding them")
+    parser.add_argument("--baseline", default="uniform", help="group every other group is tested against")
+    parser.add_argument("--metric", default="final_test_acc", help=f"tested metric: {', '.join(METRICS)}")
+    parser.add_argument("--target-acc", type=float, default=None,
+                        help="test accuracy for steps/epochs-to-target (default: the lowest group mean)")
+    parser.add_argument("--by", default="controller", help="group by this summary or dotted config key")
+    parser.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        runs = find_runs(args.run_dirs)
+        comparison = compare(runs, args.baseline, args.metric, args.target_acc, args.by)
+        if args.metric not in METRICS and not any(np.isfinite(v.get(args.metric, math.nan))
+                                                  for s in comparison.settings for g in s.groups.values()
+                                                  for v in g.values):
+            raise UserError(f"--metric {args.metric} is not in the runs; use one of {', '.join(METRICS)}")
+        out = Path(args.out or args.run_dirs[0])
+        write_outputs(comparison, out)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(runs)} runs -> {out / 'compare.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Preregistered studies: ``python -m meta_llr.study run|report|show FILE [overrides...]``.
+
+A study file (YAML; a name resolves to ``meta_llr/studies/NAME.yaml``) fixes the grid and the
+hypotheses *before* any run::
+
+    name: my_study                    # runs go to <root>/<name>/ (root: --root, default runs)
+    description: why, and what we expect
+    grid:
+      model: shallow                  # every arm shares model, data, epochs, schedule, seeds
+      data: digits
+      epochs: 10
+      schedule: step
+      seeds: [0, 1, 2]
+      overrides: [trainer.lr=0.05]    # optional, every run
+      controllers:                    # the arms; label defaults to the controller name
+        - {name: uniform}
+        - {label: reversed, name: depth_linear, overrides: {controller.first: 0.5, controller.last: 1.5}}
+    launcher: null                    # a Hydra launcher (joblib, submitit_slurm): hydra/launcher=...
+    baseline: uniform                 # the reference arm of the comparison tables
+    metric: final_test_acc            # the metric of the comparison tables' tests
+    target_acc: null                  # for steps/epochs to target (null: see meta_llr.compare)
+    hypotheses:
+      - id: H1
+        claim: reversed LLR trains slower than uniform
+        metric: loss_auc              # any meta_llr.compare metric
+        comparison: reversed > uniform          # A < B, A > B, or |A - B| < margin
+        baseline: uniform             # optional, default B: effect sizes are (other - baseline)
+        alpha: 0.05                   # optional, default 0.05
+
+``run`` launches each arm as one Hydra multirun over the seeds (``python -m meta_llr.train -m
++arm=LABEL controller=... seed=0,1,2 ...``), skipping (arm, seed) pairs that already have a
+finished run in the study folder (``--force`` reruns them); ``--launcher NAME`` (or the file's
+``launcher``) runs the jobs of an arm in parallel or on a cluster; anything after the file is
+passed on as overrides (``device=cuda trainer.compile=true``). ``--dry-run`` prints the commands.
+
+``report`` runs ``meta_llr.compare`` on the study folder and judges every hypothesis on the
+finished runs, with Holm's correction across the study's hypotheses:
+
+* ``A < B`` (``A > B``): one-sided Welch t-test. **supported** when its Holm-adjusted p is
+  below alpha; **contradicted** when the opposite one-sided test is (A significantly above,
+  resp. below, B); otherwise **inconclusive**.
+* ``|A - B| < margin``: equivalence by two one-sided Welch tests (TOST, Schuirmann 1987),
+  ``p = max(p(A - B > -margin), p(A - B < margin))``: **supported** when below alpha;
+  **contradicted** when ``|A - B| > margin`` is significant (the smaller of the two one-sided
+  p-values, doubled); otherwise **inconclusive** (too few seeds to tell).
+
+``report.md`` (next to ``compare.md``, ``compare.csv`` and the figures) gives per hypothesis the
+verdict, the means, the difference with its 95% Welch interval, the deciding t statistic, raw
+and Holm-adjusted p-values and Hedges' g. ``show`` prints the commands and the hypotheses.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from meta_llr.compare import METRICS, compare, hedges_g, holm, markdown, welch, write_outputs
+from meta_llr.errors import UserError
+from meta_llr.runs import find_runs
+
+DIRECTIONAL = re.compile(r"^\s*([\w.-]+)\s*([<>])\s*([\w.-]+)\s*$")
+EQUIVALENCE = re.compile(r"^\s*\|\s*([\w.-]+)\s*-\s*([\w.-]+)\s*\|\s*<\s*([0-9.eE+-]+)\s*$")
+
+
+# ----------------------------------------------------------------------------- the study file
+
+@dataclass
+class Hypothesis:
+    id: str
+    claim: str
+    metric: str
+    kind: str            # "<", ">" or "equiv"
+    a: str
+    b: str
+    margin: float | None
+    baseline: str
+    alpha: float
+    text: str            # the comparison as written
+
+
+def study_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = files("meta_llr").joinpath("studies", f"{name_or_path}.yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(p.name[:-5] for p in files("meta_llr").joinpath("studies").iterdir() if p.name.endswith(".yaml"))
+    raise UserError(f"study {name_or_path} not found; give a YAML path or a shipped study: {', '.join(names)}")
+
+
+def load_study(name_or_path: str) -> dict:
+    """Read and check a study file; UserError with one line naming the problem."""
+    path = study_path(name_or_path)
+    try:
+        study = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    where = f"study {path}"
+    if not isinstance(study, dict) or not isinstance(study.get("grid"), dict):
+        raise UserError(f"{where} needs a grid: mapping (see python -m meta_llr.study --help)")
+    study.setdefault("name", path.stem)
+    grid = study["grid"]
+    for key in ("model", "data", "epochs", "seeds", "controllers"):
+        if key not in grid:
+            raise UserError(f"{where}: grid.{key} is missing")
+    if not isinstance(grid["seeds"], list) or not grid["seeds"]:
+        raise UserError(f"{where}: grid.seeds must be a non-empty list, e.g. [0, 1, 2]")
+    arms = {}
+    for arm in grid["controllers"]:
+        arm = {"name": arm} if isinstance(arm, str) else dict(arm)
+        if "name" not in arm:
+            raise UserError(f"{where}: every grid.controllers entry needs name: CONTROLLER")
+        label = str(arm.get("label", arm["name"]))
+        if label in arms:
+            raise UserError(f"{where}: two arms are labelled {label}; give each a distinct label")
+        arms[label] = {"name": arm["name"], "overrides": _overrides(arm.get("overrides"))}
+    study["arms"] = arms
+    study.setdefault("baseline", next(iter(arms)))
+    if study["baseline"] not in arms:
+        raise UserError(f"{where}: baseline {study['baseline']} is not an arm ({', '.join(arms)})")
+    study["hypotheses"] = [parse_hypothesis(h, arms, where) for h in study.get("hypotheses") or []]
+    study["path"] = str(path)
+    return study
+
+
+def _overrides(node) -> list[str]:
+    if node is None:
+        return []
+    if isinstance(node, dict):
+        return [f"{k}={_value(v)}" for k, v in node.items()]
+    return [str(v) for v in node]
+
+
+def _value(v) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return "null" if v is None else str(v)
+
+
+def parse_hypothesis(node: dict, arms: dict, where: str) -> Hypothesis:
+    hid = str(node.get("id", "?"))
+    text = str(node.get("comparison", ""))
+    if (m := EQUIVALENCE.match(text)):
+        a, b, margin, kind = m.group(1), m.group(2), float(m.group(3)), "equiv"
+    elif (m := DIRECTIONAL.match(text)):
+        a, kind, b, margin = m.group(1), m.group(2), m.group(3), None
+    else:
+        raise UserError(f"{where}: hypothesis {hid} comparison {text!r} must read 'A < B', 'A > B' "
+                        "or '|A - B| < margin' with arm labels A and B")
+    for arm in (a, b):
+        if arm not in arms:
+            raise UserError(f"{where}: hypothesis {hid} names arm {arm}, not in the grid ({', '.join(arms)})")
+    metric = node.get("metric", "final_test_acc")
+    baseline = node.get("baseline", b)
+    if baseline not in (a, b):
+        raise UserError(f"{where}: hypothesis {hid} baseline {baseline} must be {a} or {b}")
+    alpha = float(node.get("alpha", 0.05))
+    if not 0 < alpha < 1:
+        raise UserError(f"{where}: hypothesis {hid} alpha must lie in (0, 1), got {alpha}")
+    if margin is not None and margin <= 0:
+        raise UserError(f"{where}: hypothesis {hid} margin must be > 0")
+    return Hypothesis(hid, str(node.get("claim", "")), metric, kind, a, b, margin, baseline, alpha, text)
+
+
+# ----------------------------------------------------------------------------- run
+
+def study_dir(study: dict, root: str | None) -> Path:
+    return Path(root or study.get("root") or "runs") / study["name"]
+
+
+def arm_command(study: dict, label: str, seeds, out: Path, launcher: str | None, extra: list[str]) -> list[str]:
+    grid, arm = study["grid"], study["arms"][label]
+    command = [sys.executable, "-m", "meta_llr.train", "-m", f"+arm={label}", f"controller={arm['name']}",
+               f"model={grid['model']}", f"data={grid['data']}", f"trainer.epochs={grid['epochs']}"]
+    if grid.get("schedule"):
+        command.append(f"schedule={grid['schedule']}")
+    command += _overrides(grid.get("overrides")) + arm["overrides"]
+    command += [f"seed={','.join(str(s) for s in seeds)}", f"study={study['name']}", "quiet=true",
+                f"hydra.sweep.dir={out}",
+                "hydra.sweep.subdir=${arm}-s${seed}-${now:%Y%m%d-%H%M%S}-${hydra.job.num}"]
+    if launcher:
+        command.append(f"hydra/launcher={launcher}")
+    return command + list(extra)
+
+
+def done_pairs(out: Path) -> set[tuple[str, int]]:
+    """(arm, seed) pairs with a finished run in the study folder."""
+    if not out.is_dir():
+        return set()
+    try:
+        runs = find_runs(out)
+    except UserError:
+        return set()
+    return {(str(r.get("arm") or r.controller), int(r.get("seed", -1))) for r in runs if r.status == "finished"}
+
+
+def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_run=False) -> list[list[str]]:
+    out = study_dir(study, root)
+    launcher = launcher or study.get("launcher")
+    done = set() if force else done_pairs(out)
+    commands = []
+    for label in study["arms"]:
+        seeds = [s for s in study["grid"]["seeds"] if (label, int(s)) not in done]
+        if seeds:
+            commands.append(arm_command(study, label, seeds, out, launcher, list(extra)))
+    for command in commands:
+        print("python " + shlex.join(command[1:]), flush=True)
+        if not dry_run:
+            result = subprocess.run(command)
+            if result.returncode != 0:
+                raise UserError(f"the sweep for arm {command[4][5:]} exited with status {result.returncode}; "
+                                f"see the error above, then rerun (finished runs are skipped)")
+    if not commands:
+        print(f"every (arm, seed) of {study['name']} has a finished run in {out}; --force reruns them")
+    return commands
+
+
+# ----------------------------------------------------------------------------- report
+
+def welch_interval(a, b, confidence: float = 0.95) -> tuple[float, float]:
+    """Welch–Satterthwaite confidence interval of mean(a) - mean(b)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    diff = a.mean() - b.mean()
+    if se == 0:
+        return diff, diff
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = stats.t.ppf(0.5 + confidence / 2, df) * se
+    return diff - half, diff + half
+
+
+def evaluate_hypothesis(h: Hypothesis, a, b) -> dict:
+    """Raw one-sided p-values for the claim (support) and against it (contra), and the statistics."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    result = {"n_a": len(a), "n_b": len(b), "mean_a": a.mean() if len(a) else math.nan,
+              "mean_b": b.mean() if len(b) else math.nan}
+    if h.kind == "equiv":
+        t_low, p_low = welch(a + h.margin, b, "greater")   # H0: A - B <= -margin
+        t_high, p_high = welch(a - h.margin, b, "less")    # H0: A - B >= +margin
+        support = max(p_low, p_high)
+        t = t_low if p_low >= p_high else t_high
+        _, p_above = welch(a - h.margin, b, "greater")     # A - B > margin
+        _, p_below = welch(a + h.margin, b, "less")        # A - B < -margin
+        contra = min(1.0, 2 * min(p_above, p_below))
+    else:
+        claim = "less" if h.kind == "<" else "greater"
+        t, support = welch(a, b, claim)
+        _, contra = welch(a, b, "greater" if claim == "less" else "less")
+    sign = 1 if h.baseline == h.b else -1  # effect sizes are (other - baseline)
+    low, high = welch_interval(a, b)
+    result.update(t=t, p_support=support, p_contra=contra,
+                  diff=sign * (result["mean_a"] - result["mean_b"]),
+                  diff_ci=(low, high) if sign == 1 else (-high, -low),
+                  hedges_g=hedges_g(a, b) * sign)
+    return result
+
+
+def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
+    """Every hypothesis in every setting of the comparison, with its verdict."""
+    results = []
+    for setting in comparison.settings:
+        for h in hypotheses:
+            groups = {label.split(" [")[0]: g for label, g in setting.groups.items()}
+            a, b = groups.get(h.a), groups.get(h.b)
+            values_a = a.metric(h.metric) if a else np.array([])
+            values_b = b.metric(h.metric) if b else np.array([])
+            result = {"hypothesis": h, "setting": setting.title, **evaluate_hypothesis(h, values_a, values_b)}
+            results.append(result)
+    for key in ("p_support", "p_contra"):
+        for result, adjusted in zip(results, holm([r[key] for r in results])):
+            result[f"{key}_holm"] = adjusted
+    for r in results:
+        h = r["hypothesis"]
+        if min(r["n_a"], r["n_b"]) < 2:
+            r["verdict"], r["why"] = "inconclusive", f"fewer than 2 finished runs with {h.metric} in an arm"
+        elif r["p_support_holm"] < h.alpha:
+            r["verdict"], r["why"] = "supported", f"Holm p {r['p_support_holm']:.3g} < alpha {h.alpha}"
+        elif r["p_contra_holm"] < h.alpha:
+            r["verdict"], r["why"] = "contradicted", f"the opposite is significant (Holm p {r['p_contra_holm']:.3g})"
+        else:
+            r["verdict"], r["why"] = "inconclusive", (f"neither the claim (Holm p {_g(r['p_support_holm'])}) "
+                                                      f"nor its opposite (Holm p {_g(r['p_contra_holm'])}) "
+                                                      f"is significant at {h.alpha}")
+    return results
+
+
+def _g(value, digits: int = 3) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def report_text(study: dict, results: list[dict], comparison_md: str) -> str:
+    grid = study["grid"]
+    lines = [f"# Study {study['name']}: preregistered hypotheses\n"]
+    if study.get("description"):
+        lines.append(" ".join(str(study["description"]).split()) + "\n")
+    arms = "; ".join(f"{label} = {arm['name']} {' '.join(arm['overrides'])}".strip()
+                     for label, arm in study["arms"].items())
+    lines.append(f"Grid: model {grid['model']}, data {grid['data']}, {grid['epochs']} epochs, schedule "
+                 f"{grid.get('schedule', 'step')}, seeds {grid['seeds']}; arms: {arms}. Study file: "
+                 f"`{study['path']}`.\n")
+    lines.append("Verdicts: one-sided Welch t-tests (equivalence: two one-sided tests), Holm-corrected across "
+                 "the hypotheses; supported / contradicted (the opposite is significant) / inconclusive.\n")
+    lines.append("| id | claim | metric | comparison | verdict | means (A, B) | diff vs baseline [95% CI] "
+                 "| t | p | p (Holm) | Hedges' g | n (A, B) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        h = r["hypothesis"]
+        low, high = r["diff_ci"]
+        lines.append(
+            f"| {h.id} | {h.claim} | {h.metric} | `{h.text.replace('|', chr(92) + '|')}` "
+            f"(baseline {h.baseline}, α {h.alpha}) "
+            f"| **{r['verdict']}** | {_g(r['mean_a'], 4)}, {_g(r['mean_b'], 4)} "
+            f"| {_g(r['diff'], 3)} [{_g(low, 3)}, {_g(high, 3)}] | {_g(r['t'])} | {_g(r['p_support'])} "
+            f"| {_g(r['p_support_holm'])} | {_g(r['hedges_g'])} | {r['n_a']}, {r['n_b']} |")
+    lines.append("")
+    for r in results:
+        lines.append(f"- **{r['hypothesis'].id}** ({r['setting']}): {r['verdict']}: {r['why']}.")
+    lines.append("\n---\n")
+    return "\n".join(lines) + "\n" + comparison_md
+
+
+def report_study(study: dict, root=None, figures: bool = True) -> tuple[Path, list[dict]]:
+    out = study_dir(study, root)
+    if not out.is_dir():
+        raise UserError(f"no runs for study {study['name']} in {out}; run python -m meta_llr.study run "
+                        f"{study['path']} first (or give --root)")
+    runs = find_runs(out)
+    for h in study["hypotheses"]:
+        if h.metric not in METRICS and not any(h.metric in r.summary for r in runs):
+            raise UserError(f"hypothesis {h.id} uses metric {h.metric}, which the runs do not have; "
+                            f"use one of {', '.join(METRICS)}")
+    comparison = compare(runs, baseline=study["baseline"], metric=study.get("metric", "final_test_acc"),
+                         target=study.get("target_acc"))
+    drawn = write_outputs(comparison, out, title=f"Comparison for study {study['name']}", figures=figures)
+    results = judge(study["hypotheses"], comparison)
+    (out / "report.md").write_text(report_text(study, results, markdown(comparison, drawn, "Comparison")))
+    return out / "report.md", results
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m meta_llr.study", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=("run", "report", "show"))
+    parser.add_argument("study", help="study YAML path, or the name of a shipped study")
+    parser.add_argument("overrides", nargs="*", help="extra training overrides for run (e.g. device=cuda)")
+    parser.add_argument("--root", default=None, help="folder holding study folders (default: runs)")
+    parser.add_argument("--launcher", default=None, help="Hydra launcher, e.g. joblib or submitit_slurm")
+    parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        study = load_study(args.study)
+        if args.action == "show":
+            run_study(study, args.root, args.launcher, args.overrides, force=True, dry_run=True)
+            for h in study["hypotheses"]:
+                print(f"{h.id}: {h.claim} [{h.metric}: {h.text}, alpha {h.alpha}]")
+        elif args.action == "run":
+            run_study(study, args.root, args.launcher, args.overrides, args.force, args.dry_run)
+        else:
+            path, results = report_study(study, args.root)
+            for r in results:
+                print(f"{r['hypothesis'].id}: {r['verdict']} ({r['why']})")
+            print(f"-> {path}")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""study: file checks, the launch commands, and verdicts on run directories with known numbers."""
+import math
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from meta_llr.compare import holm, loss_auc
+from meta_llr.errors import UserError
+from meta_llr.study import load_study, main, report_study, run_study, welch_interval
+from tests.test_compare import make_run
+
+STUDY = {
+    "name": "known",
+    "grid": {"model": "shallow", "data": "digits", "epochs": 3, "schedule": "step", "seeds": [0, 1, 2, 3],
+             "controllers": [{"name": "uniform"},
+                             {"label": "fast", "name": "depth_linear", "overrides": {"controller.first": 1.5}},
+                             {"label": "slow", "name": "depth_linear", "overrides": {"controller.first": 0.5}}]},
+    "baseline": "uniform",
+    "hypotheses": [
+        {"id": "H_fast", "claim": "fast trains faster", "metric": "loss_auc", "comparison": "fast < uniform"},
+        {"id": "H_wrong", "claim": "slow trains faster", "metric": "loss_auc", "comparison": "slow < uniform"},
+        {"id": "H_same", "claim": "same accuracy", "metric": "final_test_acc",
+         "comparison": "|fast - uniform| < 0.05"},
+        {"id": "H_tight", "claim": "same accuracy, tight margin", "metric": "final_test_acc",
+         "comparison": "|slow - uniform| < 0.001", "alpha": 0.01},
+    ],
+}
+# final train loss per arm and seed: fast clearly lowest, slow clearly highest
+LAST_LOSS = {"uniform": [0.30, 0.32, 0.31, 0.29], "fast": [0.20, 0.22, 0.21, 0.19], "slow": [0.40, 0.43, 0.41, 0.42]}
+FINAL_ACC = {"uniform": [0.900, 0.905, 0.902, 0.899], "fast": [0.901, 0.903, 0.900, 0.904],
+             "slow": [0.890, 0.906, 0.880, 0.912]}
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    path = tmp_path / "known.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    return path
+
+
+def fill_runs(root):
+    for arm, losses in LAST_LOSS.items():
+        controller = "uniform" if arm == "uniform" else "depth_linear"
+        for seed, (last, acc) in enumerate(zip(losses, FINAL_ACC[arm])):
+            make_run(root / "known", f"{arm}-s{seed}", controller, seed, accs=(0.6, 0.8, acc),
+                     losses=(1.0, 0.5, last), arm=arm)
+
+
+def test_shipped_studies_load():
+    first = load_study("discussion_first")
+    assert list(first["arms"]) == ["uniform", "depth_linear", "reversed", "fixed_linear"]
+    assert first["arms"]["reversed"] == {"name": "depth_linear",
+                                         "overrides": ["controller.first=0.5", "controller.last=1.5"]}
+    assert first["grid"]["schedule"] == "step" and first["grid"]["data"] == "imagefolder"
+    assert {h.kind for h in first["hypotheses"]} == {"equiv", "<", ">"}
+    smoke = load_study("digits_smoke")
+    assert len(smoke["arms"]) == 3 and smoke["grid"]["seeds"] == [0, 1]
+
+
+def test_bad_study_files_are_one_line_errors(tmp_path):
+    bad = dict(STUDY, hypotheses=[{"id": "X", "comparison": "fast >> uniform"}])
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match="must read 'A < B'"):
+        load_study(str(tmp_path / "a.yaml"))
+    bad = dict(STUDY, hypotheses=[{"id": "X", "comparison": "nope < uniform"}])
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(UserError, match="names arm nope"):
+        load_study(str(tmp_path / "b.yaml"))
+    with pytest.raises(UserError, match="not found"):
+        load_study("no_such_study")
+
+
+def test_run_commands_are_one_multirun_per_arm_and_skip_finished(study_file, tmp_path, capsys):
+    study = load_study(str(study_file))
+    make_run(tmp_path / "known", "fast-s1", "depth_linear", 1, arm="fast")  # already done
+    commands = run_study(study, root=tmp_path, launcher="joblib", extra=["device=cpu"], dry_run=True)
+    assert len(commands) == 3
+    fast = commands[1]
+    assert fast[2:5] == ["meta_llr.train", "-m", "+arm=fast"]
+    assert "controller=depth_linear" in fast and "controller.first=1.5" in fast
+    assert "seed=0,2,3" in fast and "seed=0,1,2,3" in commands[0]
+    assert "hydra/launcher=joblib" in fast and fast[-1] == "device=cpu"
+    assert f"hydra.sweep.dir={tmp_path / 'known'}" in fast
+    assert "python -m meta_llr.train -m +arm=uniform" in capsys.readouterr().out
+
+
+def test_verdicts_on_known_numbers(study_file, tmp_path):
+    fill_runs(tmp_path)
+    path, results = report_study(load_study(str(study_file)), root=tmp_path, figures=False)
+    by_id = {r["hypothesis"].id: r for r in results}
+
+    auc = {arm: np.array([loss_auc([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5},
+                                    {"epoch": 3, "train_loss": last}]) for last in losses])
+           for arm, losses in LAST_LOSS.items()}
+    p_fast = stats.ttest_ind(auc["fast"], auc["uniform"], equal_var=False, alternative="less").pvalue
+    p_wrong = stats.ttest_ind(auc["slow"], auc["uniform"], equal_var=False, alternative="less").pvalue
+    assert by_id["H_fast"]["p_support"] == pytest.approx(p_fast)
+    assert by_id["H_wrong"]["p_support"] == pytest.approx(p_wrong)
+    assert by_id["H_fast"]["verdict"] == "supported"
+    assert by_id["H_wrong"]["verdict"] == "contradicted"
+
+    # equivalence (TOST): max of the two one-sided shifted Welch tests
+    a, b = np.array(FINAL_ACC["fast"]), np.array(FINAL_ACC["uniform"])
+    p_tost = max(stats.ttest_ind(a + 0.05, b, equal_var=False, alternative="greater").pvalue,
+                 stats.ttest_ind(a - 0.05, b, equal_var=False, alternative="less").pvalue)
+    assert by_id["H_same"]["p_support"] == pytest.approx(p_tost)
+    assert by_id["H_same"]["verdict"] == "supported"
+    assert by_id["H_tight"]["verdict"] == "inconclusive"  # noisy arm, tiny margin
+
+    raw = [by_id[h]["p_support"] for h in ("H_fast", "H_wrong", "H_same", "H_tight")]
+    assert [by_id[h]["p_support_holm"] for h in ("H_fast", "H_wrong", "H_same", "H_tight")] == \
+        pytest.approx(holm(raw))
+    low, high = welch_interval(auc["fast"], auc["uniform"])
+    assert by_id["H_fast"]["diff_ci"] == pytest.approx((low, high))
+    assert low < by_id["H_fast"]["diff"] < high < 0
+
+    text = path.read_text()
+    assert "| H_fast |" in text and "**supported**" in text and "**contradicted**" in text
+    assert (path.parent / "compare.md").exists() and (path.parent / "compare.csv").exists()
+
+
+def test_too_few_runs_is_inconclusive_and_cli_errors(study_file, tmp_path, capsys):
+    make_run(tmp_path / "known", "uniform-s0", "uniform", 0, arm="uniform")
+    make_run(tmp_path / "known", "fast-s0", "depth_linear", 0, arm="fast")
+    _, results = report_study(load_study(str(study_file)), root=tmp_path, figures=False)
+    assert all(r["verdict"] == "inconclusive" for r in results)
+    assert all(math.isnan(r["p_support"]) for r in results)
+    assert main(["report", str(study_file), "--root", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("error: no runs for study known")
