@@ -9,15 +9,43 @@ For each layer l, at the last training step before an evaluation:
 * ``weight_norm`` ``‖θ_l‖``, ``grad_norm`` ``‖g_l‖``, ``update_ratio`` ``‖u_l‖/‖θ_l‖``, and
   ``effective_lr`` ``global_lr · scale_l`` of that step.
 
+Curvature probe (``diagnostics.curvature_every=N``, off at 0): at every evaluation whose
+epoch is a multiple of N, on a fixed batch (the first ``batch_size`` training images, no
+augmentation, BatchNorm on batch statistics as in training), along each layer's last
+update ``u_l`` (a layer's parameter tensors together, other layers held fixed):
+
+* ``curvature`` ``u_lᵀ H_ll u_l / ‖u_l‖²``, exact, from a Hessian-vector product by
+  forward-over-reverse differentiation (``torch.func.jvp`` of ``torch.func.grad``), one per
+  layer; ``lr_x_curvature`` is ``effective_lr · curvature`` (plain gradient descent along
+  that direction is stable below 2);
+* ``curvature_full`` ``u_lᵀ (H u)_l / ‖u_l‖²``, exact, with all layers moving by their last
+  update together (cross-layer blocks ``H_lm u_m`` included): what a per-layer secant taken
+  over a training step measures in the small-step limit, so ``curvature`` vs
+  ``curvature_full`` shows how much of a layer's secant is other layers' doing;
+* ``secant_curvature`` ``(g_l(θ) − g_l(θ − u))·u_l / ‖u_l‖²``, the finite-difference secant
+  along the same step and batch, and ``secant_l1`` ``Σ|Δg_l| / Σ|u_l|``, the inverse of
+  Smith & Topin's L1 secant estimate ``ε* = Σ|Δθ| / Σ|Δg|`` (arXiv 1708.07120) without
+  minibatch noise. On a quadratic all three equal the layer's curvature.
+
+Cost: one forward-over-reverse pass per layer (plus one), vmapped, and two gradients, on one batch, every N
+epochs; one copy of the last update (kept at the last step of each epoch), one model copy
+while probing. ``torch.func`` cannot differentiate BatchNorm updating its running stats in
+place, so the probe differentiates a copy prepared with
+``torch.func.replace_all_batch_norm_modules_`` (batch statistics, no buffer updates).
+
 Rows go to ``layer_stats.csv`` (one per evaluation and layer); the last values per layer go
 into ``summary.json`` under ``layer_stats``.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from meta_llr.errors import UserError
 from meta_llr.records import csv_text
 
 LAYER_STATS = "layer_stats.csv"
@@ -36,14 +64,50 @@ class Diagnostics:
         self.rotation = bool(cfg.get("rotation", True))
         self.initial = ([[p.detach().clone() for p in kernels(layer)] for layer in layers]
                         if self.rotation else None)
+        self.curvature_every = int(cfg.get("curvature_every", 0) or 0)
+        if self.curvature_every < 0:
+            raise UserError(f"diagnostics.curvature_every must be >= 0 (0 = off), got {self.curvature_every}")
+        self.probe = None
         self.last: dict[str, torch.Tensor] | None = None
         self.rows: list[dict] = []
 
-    def record_step(self, step: int, stats: Mapping[str, torch.Tensor]) -> None:
-        """Keep the statistics of the last step before an evaluation (device tensors, no sync)."""
+    def set_probe_batch(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        label_smoothing: float = 0.0) -> None:
+        """The model and the fixed (already normalised) batch the curvature probe uses."""
+        if self.curvature_every:
+            self.probe = (model, x, y, label_smoothing)
+
+    def record_step(self, step: int, stats: Mapping[str, torch.Tensor],
+                    updates: Sequence[torch.Tensor] | None = None) -> None:
+        """Keep the statistics of the last step before an evaluation (device tensors, no sync).
+
+        ``updates``: the loop's buffer holding ``−u(t)`` per parameter (layer order), kept
+        for the curvature probe when it is on."""
         self.last = {k: stats[k].detach().clone()
                      for k in ("grad_norm", "update_norm", "weight_norm", "scales", "global_lr")}
         self.last["step"] = step
+        if self.curvature_every and updates is not None:
+            self.last["update"] = [torch.neg(d.detach()) for d in updates]
+
+    def curvature_columns(self) -> dict[str, torch.Tensor]:
+        """The curvature probe at the current weights along the last recorded update."""
+        model, x, y, label_smoothing = self.probe
+        probe_model = copy.deepcopy(model)
+        torch.func.replace_all_batch_norm_modules_(probe_model)
+        probe_model.train()
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names = [name_of[id(p)] for layer in self.layers for p in layer.params]
+
+        def loss_fn(params):
+            out = torch.func.functional_call(probe_model, dict(zip(names, params)), (x.float(),))
+            return F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+
+        params = [[p.detach().float() for p in layer.params] for layer in self.layers]
+        updates, i = [], 0
+        for layer in self.layers:
+            updates.append([u.float() for u in self.last["update"][i:i + len(layer.params)]])
+            i += len(layer.params)
+        return layer_curvatures(loss_fn, params, updates)
 
     @torch.no_grad()
     def layer_rotation(self) -> torch.Tensor:
@@ -67,6 +131,9 @@ class Diagnostics:
             columns["grad_norm"] = self.last["grad_norm"]
             columns["update_ratio"] = self.last["update_norm"] / self.last["weight_norm"].clamp_min(1e-30)
             columns["effective_lr"] = self.last["scales"] * self.last["global_lr"]
+            if self.probe is not None and "update" in self.last and epoch % self.curvature_every == 0:
+                columns.update(self.curvature_columns())
+                columns["lr_x_curvature"] = columns["effective_lr"] * columns["curvature"]
         host = {k: v.float().cpu().tolist() for k, v in columns.items()}
         rows = []
         for i, layer in enumerate(self.layers):
@@ -77,7 +144,7 @@ class Diagnostics:
         return rows
 
     def csv(self) -> str:
-        header = list(self.rows[-1]) if self.rows else ["epoch", "step", "layer", "name"]
+        header = list(dict.fromkeys(k for row in self.rows for k in row)) or ["epoch", "step", "layer", "name"]
         return csv_text(header, ([row.get(k, "") for k in header] for row in self.rows))
 
     def summary(self) -> dict:
@@ -92,3 +159,47 @@ class Diagnostics:
         self.initial = state["initial"]
         self.last = state["last"]
         self.rows = list(state["rows"])
+
+
+def layer_curvatures(loss_fn: Callable[[list[torch.Tensor]], torch.Tensor],
+                     params: Sequence[Sequence[torch.Tensor]],
+                     updates: Sequence[Sequence[torch.Tensor]], chunk_size: int = 8) -> dict[str, torch.Tensor]:
+    """Per layer l, along its update ``u_l`` (``params[l]``, ``updates[l]``: its tensors):
+
+    * ``curvature`` ``u_lᵀ H_ll u_l / ‖u_l‖²``: exact, ``torch.func.jvp`` of ``torch.func.grad``
+      with the tangent ``u_l`` on layer l and 0 elsewhere (one per layer, batched with
+      ``vmap`` in chunks of ``chunk_size`` layers);
+    * ``curvature_full`` ``u_lᵀ (H u)_l / ‖u_l‖²``: the same with every layer moving by its
+      update, so the cross-layer blocks ``H_lm u_m`` count: what a secant over a training step
+      sees in the small-step limit;
+    * ``secant_curvature`` ``(g_l(θ) − g_l(θ−u))·u_l / ‖u_l‖²`` and ``secant_l1``
+      ``Σ|g_l(θ) − g_l(θ−u)| / Σ|u_l|``: finite differences over the whole step.
+
+    ``loss_fn`` maps the flat parameter list (layer order) to a 0-d loss. NaN where ``u_l = 0``.
+    """
+    flat = [p.detach() for layer in params for p in layer]
+    flat_updates = [u.detach() for layer in updates for u in layer]
+    owner = [l for l, layer in enumerate(params) for _ in layer]
+    count = len(params)
+    # Tangent k < count: layer k's update alone; tangent count: the whole update.
+    tangents = [torch.stack([u if owner[i] == k else torch.zeros_like(u) for k in range(count)] + [u])
+                for i, u in enumerate(flat_updates)]
+    grad_fn = torch.func.grad(loss_fn)
+    hvps = torch.func.vmap(lambda t: torch.func.jvp(grad_fn, (flat,), (t,))[1], chunk_size=chunk_size)(tangents)
+    grad_now = grad_fn(flat)
+    grad_before = grad_fn([p - u for p, u in zip(flat, flat_updates)])
+
+    def per_layer(values: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(count, dtype=torch.float64, device=values[0].device)
+        return out.index_add_(0, torch.tensor(owner, device=out.device), torch.stack(values).double())
+
+    own = [torch.stack([hvps[i][owner[i]], hvps[i][count]]) for i in range(len(flat))]
+    uu = per_layer([(u * u).sum() for u in flat_updates])
+    diff = [a - b for a, b in zip(grad_now, grad_before)]
+    columns = {
+        "curvature": per_layer([(h[0] * u).sum() for h, u in zip(own, flat_updates)]) / uu,
+        "curvature_full": per_layer([(h[1] * u).sum() for h, u in zip(own, flat_updates)]) / uu,
+        "secant_curvature": per_layer([(d * u).sum() for d, u in zip(diff, flat_updates)]) / uu,
+        "secant_l1": per_layer([d.abs().sum() for d in diff]) / per_layer([u.abs().sum() for u in flat_updates]),
+    }
+    return {k: v.float().nan_to_num(nan=math.nan, posinf=math.nan, neginf=math.nan) for k, v in columns.items()}

@@ -49,14 +49,23 @@ a layer's statistic covers all of that layer's parameter tensors together:
 ``weight_norm``             ``‖θ_l(t+1)‖₂``, after the step
 ``update_norm``             ``‖u_l(t)‖₂`` with ``u_l(t) = θ_l(t+1) − θ_l(t)``, the update applied
 ``grad_dot_prev_update``    ``g_l(t) · u_l(t−1)`` (0 at the first step); the hypergradient
-                            of the loss w.r.t. layer l's LR is ``−g_l(t)·u_l(t−1)/η_l(t−1)``
+                            of the loss w.r.t. layer l's LR is ``∂L(θ(t))/∂η_l(t−1) =
+                            g_l(t)·u_l(t−1)/η_l(t−1)`` (``u = −η·d``, so ``∂θ(t)/∂η = u/η``)
+``loss_at``                 not a tensor: a function ``loss_at(params) -> 0-d loss`` giving
+                            this step's training loss on this step's batch (same augmented
+                            inputs) with ``params`` in place of the model's parameters
+                            (a list aligned with ``[p for layer in layers for p in
+                            layer.params]``); BatchNorm running statistics are not touched.
+                            Differentiable: ``torch.autograd.grad(loss_at(ps), ps)`` is a
+                            gradient on the same batch at other weights (one forward and
+                            backward per call; ``hessian_secant same_batch=true``).
 ==========================  ==========================================================
 
 Controllers that keep their own per-element state (secant estimates, Adam moments) read
 the tensors directly: ``layer.params`` (all of the layer's parameters), ``layer.weight``
 (its kernel), and ``p.grad`` during ``observe`` (gradients are cleared after it).
 
-Two optional hooks:
+Three optional hooks:
 
 * ``trainable(step) -> list[bool] | None``: which layers train at this step. Host-side and
   a pure function of ``step`` (no device values). A layer reported ``False`` gets
@@ -66,6 +75,11 @@ Two optional hooks:
   update, not just its size (Layca). Called after the optimizer step with ``before[l][k]``,
   a copy of ``layers[l].params[k]`` from before the step; the controller rewrites
   ``layers[l].params[k]`` in place. Set ``transforms_update = True`` to receive it.
+
+* ``records() -> dict[str, list[dict]]``: tables the controller wants written, called by the
+  loop at every evaluation (host-side; may sync). Each ``name: rows`` is written atomically
+  as ``<name>.csv`` in the run directory (header = the union of the rows' keys, in order of
+  first appearance). Keep the values on the device during steps and convert them here.
 
 ``scale_1d`` (default True): whether a layer's 1-D parameters (biases, norm affine
 parameters) follow the layer's scale; ``False`` keeps them at the global LR (LARS).
@@ -85,7 +99,7 @@ import torch
 from meta_llr.errors import UserError
 
 STATS = frozenset(
-    {"loss", "global_lr", "scales", "grad_norm", "weight_norm", "update_norm", "grad_dot_prev_update"}
+    {"loss", "global_lr", "scales", "grad_norm", "weight_norm", "update_norm", "grad_dot_prev_update", "loss_at"}
 )
 
 
@@ -147,11 +161,21 @@ class Controller(ABC):
     def transform_update(self, step: int, before: Sequence[Sequence[torch.Tensor]]) -> None:
         raise NotImplementedError
 
+    def records(self) -> dict[str, list[dict]]:
+        """Tables to write as ``<name>.csv`` at each evaluation (host-side)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: Mapping) -> None:
         pass
+
+    @classmethod
+    def example_options(cls, tmp_dir) -> dict:
+        """Options that make a runnable example (for tests and docs) when the YAML defaults
+        alone cannot, e.g. a file to read written into ``tmp_dir``; default ``{}``."""
+        return {}
 
 
 # ----------------------------------------------------------------------------- registry

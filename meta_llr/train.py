@@ -142,6 +142,7 @@ class Run:
         needs_buffer = self.transforms or bool(self.needs & {"update_norm", "grad_dot_prev_update"})
         self.prev = [torch.zeros_like(p) for p in self.params] if needs_buffer else None
         self.prev_by_layer = self._by_layer(self.prev) if self.prev is not None else None
+        self.zero = torch.zeros((), device=device)
         self.trainable = [True] * num_layers
         self.diagnostics = Diagnostics(cfg.diagnostics, self.layers, device)
         self.diagnostics.set_probe_batch(self.model, self.normalize(self.train_x[:self.batch_size]),
@@ -172,9 +173,12 @@ class Run:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         t = self.cfg.trainer
         groups = []
+        # Same LR and decay for both kinds (the usual case): one group per layer, as each group
+        # costs one optimizer call per step (the fused kernels take one LR tensor per call).
+        merge = self.scale_1d and (t.decay_1d or t.weight_decay == 0)
         for layer in self.layers:
-            for kind, params in ((0, [p for p in layer.params if p.dim() > 1]),
-                                 (1, [p for p in layer.params if p.dim() <= 1])):
+            kernels, others = [p for p in layer.params if p.dim() > 1], [p for p in layer.params if p.dim() <= 1]
+            for kind, params in (((0, kernels + others),) if merge else ((0, kernels), (1, others))):
                 if params:
                     decay = t.weight_decay if kind == 0 or t.decay_1d else 0.0
                     groups.append({"params": params, "lr": self.group_lrs[kind, layer.index],
@@ -259,12 +263,13 @@ class Run:
         if "loss_at" in needs:
             stats["loss_at"] = self._loss_at(x, y)
         if needs:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            # A frozen parameter has no gradient: a shared 0-d zero stands in (norm 0, dot 0).
+            grads = [p.grad if p.grad is not None else self.zero for p in self.params]
             if "grad_norm" in needs:
                 stats["grad_norm"] = self._per_layer(torch._foreach_norm(grads))
-            if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below
-                dots = [torch.sum(g * d) for g, d in zip(grads, self.prev)]
-                stats["grad_dot_prev_update"] = -self._per_layer(dots, squared=False)
+            if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below; its last use,
+                torch._foreach_mul_(self.prev, grads)  # so multiply in place (one call, no copy)
+                stats["grad_dot_prev_update"] = -self._per_layer([d.sum() for d in self.prev], squared=False)
         if prev is not None:
             torch._foreach_copy_(prev, self.params)
         self.optimizer.step()
@@ -277,7 +282,7 @@ class Run:
                 stats["update_norm"] = self._per_layer(torch._foreach_norm(prev))
             if "weight_norm" in needs:
                 stats["weight_norm"] = self._per_layer(torch._foreach_norm(self.params))
-            stats.update(loss=loss.detach(), global_lr=global_lr, scales=scales)
+        stats.update(loss=loss.detach(), global_lr=global_lr, scales=scales)
         if self.observes:
             controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
         if probe:

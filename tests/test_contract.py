@@ -54,6 +54,8 @@ def test_every_controller_documents_its_formula():
 @pytest.mark.parametrize("name", YAMLS)
 def test_contract(name, tmp_path, monkeypatch):
     cfg = compose_config(*TINY, f"controller={name}")
+    example = REGISTRY[cfg.controller.name].example_options(tmp_path)  # e.g. a file to read
+    cfg = compose_config(*TINY, f"controller={name}", *(f"controller.{k}={v}" for k, v in example.items()))
     run = Run(cfg, tmp_path)
     controller = run.controller
     assert isinstance(controller, Controller)

@@ -1,0 +1,83 @@
+"""LARS: layer-wise adaptive rate scaling by the trust ratio (and LARC, its clipped form).
+
+You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", arXiv 1708.03888.
+Per layer l, over its kernels only (the layer's >=2-D tensors; with ``exclude_1d=true``
+biases and normalisation parameters keep scale 1, i.e. the global LR):
+
+    lars:             scale_l = trust · ‖θ_l‖ / (‖g_l‖ + wd·‖θ_l‖)
+    LARC (trust_clip): scale_l = min(trust · ‖θ_l‖ / (‖g_l‖ + wd·‖θ_l‖) / η(t), 1)
+
+with the ratio 1 where ``‖θ_l‖`` or ``‖g_l‖`` is 0 (``trust=0.001``, the paper's η; ``wd``,
+the paper's β, default 5e-4 like ``trainer.weight_decay``: keep the two equal). LARS multiplies the global LR, so it expects the large
+global LRs of the paper (e.g. ``trainer.lr`` of order 1..10); LARC caps each layer at the
+global LR and needs no such change. Then clamp to ``[min_scale, max_scale]``.
+
+Timing: ``scales(t)`` is called before step t's backward, so step t's gradient does not
+exist yet. The scale used at step t is computed in ``observe(t−1)`` from ``‖θ(t)‖`` (the
+weights after step t−1: exactly the weights step t updates) and ``‖g(t−1)‖``, the previous
+step's gradient (one step stale). At step 0 no gradient has been seen: the scale is
+``min_scale`` there (a near-zero first step instead of an unscaled one at a LARS-sized LR).
+Norms come from ``torch._foreach_norm`` on the kernels during ``observe``; no state besides
+the ``[L]`` scales.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from meta_llr.interface import Controller, Layer, Plan, register
+
+
+def trust_ratio(weight_norm: torch.Tensor, grad_norm: torch.Tensor, trust: float, wd: float) -> torch.Tensor:
+    """``trust·‖θ‖/(‖g‖ + wd·‖θ‖)``, 1 where either norm is 0 (per layer, batched)."""
+    ratio = trust * weight_norm / (grad_norm + wd * weight_norm)
+    return torch.where((weight_norm > 0) & (grad_norm > 0), ratio, torch.ones_like(ratio))
+
+
+@register("lars")
+class Lars(Controller):
+    def __init__(self, trust: float = 0.001, wd: float = 5e-4, trust_clip: bool = False, exclude_1d: bool = True,
+                 min_scale: float = 1e-4, max_scale: float = 100.0):
+        if trust <= 0:
+            raise ValueError(f"trust must be > 0, got {trust}")
+        if wd < 0:
+            raise ValueError(f"wd must be >= 0, got {wd}")
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        self.trust, self.wd, self.trust_clip = trust, wd, trust_clip
+        self.min_scale, self.max_scale = min_scale, max_scale
+        self.exclude_1d = exclude_1d
+        self.scale_1d = not exclude_1d
+
+    def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
+        super().setup(layers, plan)
+        device = plan.device
+        self.kernels = [p for layer in layers for p in layer.params if p.dim() > 1 or not self.exclude_1d]
+        self.kernel_layer = torch.tensor([layer.index for layer in layers for p in layer.params
+                                          if p.dim() > 1 or not self.exclude_1d], device=device)
+        self.scale = torch.full((self.num_layers,), self.min_scale, device=device)
+
+    def _norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        v = torch.stack(torch._foreach_norm(tensors)).float()
+        return torch.zeros(self.num_layers, device=v.device).index_add_(0, self.kernel_layer, v * v).sqrt_()
+
+    def layer_scales(self, weight_norm: torch.Tensor, grad_norm: torch.Tensor, global_lr: torch.Tensor) -> torch.Tensor:
+        ratio = trust_ratio(weight_norm, grad_norm, self.trust, self.wd)
+        if self.trust_clip:
+            ratio = torch.clamp(ratio / global_lr, max=1.0)
+        return ratio.clamp(self.min_scale, self.max_scale)
+
+    @torch.no_grad()
+    def observe(self, step: int, stats: Mapping[str, torch.Tensor]) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.kernels]
+        self.scale = self.layer_scales(self._norms(self.kernels), self._norms(grads), self.plan.global_lr(step + 1))
+
+    def scales(self, step: int) -> torch.Tensor:
+        return self.scale
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.scale = state["scale"].to(self.plan.device).clone()

@@ -1,0 +1,113 @@
+"""Layca: layer-level control of the amount of rotation per step.
+
+Carbonnelle & De Vleeschouwer, "Layer rotation: a surprisingly powerful indicator of
+generalization in deep networks?", arXiv 1806.01603. After the base optimizer's step (SGD,
+momentum, AdamW: whatever ``trainer.optimizer`` is), with ``w`` the layer's kernels before
+the step (all of the layer's >=2-D tensors as one vector) and ``s = w − w_after`` the step:
+
+    s⊥ = s − (s·w / ‖w‖²) w                 project the step orthogonal to the weights
+    w  ← w − ρ_l(t) · (‖w‖ / ‖s⊥‖) · s⊥      rescale it to ‖w‖ and step
+    w  ← w · ‖w(0)‖ / ‖w‖                   renormalise to the initial norm
+
+so each step rotates the layer's kernels by exactly ``atan(ρ_l(t))`` and keeps their norm.
+``ρ_l(t) = global_lr(t) · m_l``: ρ0 is ``trainer.lr`` and the global policy the schedule; the
+layer multipliers are the paper's, with L layers and l = 0..L−1 in forward order:
+
+    alpha > 0:  m_l = m^(L−1−l),  m = (1 − alpha)^(5/(L−1))   (first layers rotate less)
+    alpha < 0:  m_l = (1 + alpha)^(5l/(L−1))                   (last layers rotate less)
+
+The scales returned are ``m_l`` (so ``effective_lr`` in the diagnostics is ρ_l). Biases and
+normalisation parameters are not trained, as in the paper (``other_params=none``: restored
+to their value before the step), or trained by the base optimizer at the global LR
+(``other_params=sgd``). A layer whose step has no orthogonal part (no gradient) is left
+unrotated. No extra state beyond the loop's copy of the weights before the step.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from meta_llr.interface import Controller, Layer, Plan, register
+
+
+def layca_multipliers(num_layers: int, alpha: float) -> torch.Tensor:
+    """The paper's per-layer multipliers ``m_l`` for ``num_layers`` layers (float64)."""
+    l = torch.arange(num_layers, dtype=torch.float64)
+    if num_layers == 1 or alpha == 0:
+        return torch.ones(num_layers, dtype=torch.float64)
+    if alpha > 0:
+        return ((1 - alpha) ** (5 / (num_layers - 1))) ** (num_layers - 1 - l)
+    return (1 + alpha) ** (5 * l / (num_layers - 1))
+
+
+@register("layca")
+class Layca(Controller):
+    transforms_update = True
+    scale_1d = False  # 1-D parameters, if trained (other_params=sgd), use the global LR
+
+    def __init__(self, alpha: float = 0.0, other_params: str = "none", min_scale: float = 1e-3,
+                 max_scale: float = 10.0):
+        if not -1 < alpha < 1:
+            raise ValueError(f"alpha must be in (-1, 1), got {alpha}")
+        if other_params not in ("none", "sgd"):
+            raise ValueError(f"other_params must be none or sgd, got {other_params}")
+        if not 0 < min_scale <= max_scale:
+            raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
+        self.alpha, self.other_params = alpha, other_params
+        self.min_scale, self.max_scale = min_scale, max_scale
+
+    def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
+        super().setup(layers, plan)
+        device = plan.device
+        self.multipliers = layca_multipliers(self.num_layers, self.alpha).float().to(device)
+        self.multipliers = self.multipliers.clamp(self.min_scale, self.max_scale)
+        # Which entries of layer.params are kernels; the per-kernel layer index for gathers.
+        self.kernel_index = [[k for k, p in enumerate(layer.params) if p.dim() > 1] for layer in layers]
+        self.kernels = [layer.params[k] for layer, ks in zip(layers, self.kernel_index) for k in ks]
+        self.kernel_layer = torch.tensor([layer.index for layer, ks in zip(layers, self.kernel_index) for _ in ks],
+                                         device=device)
+        self.other_index = [[k for k, p in enumerate(layer.params) if p.dim() <= 1] for layer in layers]
+        with torch.no_grad():
+            self.initial_norm = self._per_layer_sq(torch._foreach_norm(self.kernels)).sqrt()
+
+    def _per_layer_sq(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """Per-layer sums of squares of per-kernel values."""
+        v = torch.stack(values).float()
+        return torch.zeros(self.num_layers, device=v.device).index_add_(0, self.kernel_layer, v * v)
+
+    def _per_layer_sum(self, values: list[torch.Tensor]) -> torch.Tensor:
+        v = torch.stack(values).float()
+        return torch.zeros(self.num_layers, device=v.device).index_add_(0, self.kernel_layer, v)
+
+    def scales(self, step: int) -> torch.Tensor:
+        return self.multipliers
+
+    @torch.no_grad()
+    def transform_update(self, step: int, before: Sequence[Sequence[torch.Tensor]]) -> None:
+        w = [b[k] for b, ks in zip(before, self.kernel_index) for k in ks]
+        if self.other_params == "none":
+            restore = [layer.params[k] for layer, ks in zip(self.layers, self.other_index) for k in ks]
+            if restore:
+                torch._foreach_copy_(restore, [b[k] for b, ks in zip(before, self.other_index) for k in ks])
+        # Work in the kernels' own storage: kernel <- w − after = s, then kernel <- a·w + b·s.
+        torch._foreach_sub_(self.kernels, w)
+        torch._foreach_neg_(self.kernels)                                     # s
+        ww = self._per_layer_sq(torch._foreach_norm(w))
+        ss = self._per_layer_sq(torch._foreach_norm(self.kernels))
+        sw = self._per_layer_sum([torch.sum(a * b) for a, b in zip(self.kernels, w)])
+        s_perp = (ss - sw * sw / ww).clamp_min(0).sqrt()
+        rho = self.plan.global_lr(step) * self.multipliers
+        c = torch.where(s_perp > 0, rho * ww.sqrt() / s_perp, torch.zeros_like(s_perp))
+        coef_w = (1 + c * sw / ww)[self.kernel_layer]                         # new w = coef_w·w − c·s
+        coef_s = (-c)[self.kernel_layer]
+        torch._foreach_mul_(self.kernels, list(coef_s.unbind()))
+        torch._foreach_add_(self.kernels, torch._foreach_mul(w, list(coef_w.unbind())))
+        norm = self._per_layer_sq(torch._foreach_norm(self.kernels)).sqrt()
+        torch._foreach_mul_(self.kernels, list((self.initial_norm / norm)[self.kernel_layer].unbind()))
+
+    def state_dict(self) -> dict:
+        return {"initial_norm": self.initial_norm}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.initial_norm = state["initial_norm"].to(self.plan.device).clone()
