@@ -364,7 +364,7 @@ def main(argv=None) -> int:
     parser.add_argument("--launcher", default=None, help="Hydra launcher, e.g. joblib or submitit_slurm")
     parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         study = load_study(args.study)
         if args.action == "show":

@@ -1,8 +1,9 @@
 """The training loop: ``python -m meta_llr.train controller=NAME model=NAME data=NAME ...``.
 
 Read top to bottom: config checks, data on the device, model and its layers, the global LR
-table, the controller, the optimizer (one param group per layer and parameter kind, each
-with a 0-d LR tensor that is a view into one ``[2, L]`` device tensor), then the step:
+table, the controller, the optimizer (one param group per layer, split by parameter kind when
+1-D parameters get another LR or decay, each with a 0-d LR tensor that is a view into one
+``[2, L]`` device tensor), then the step:
 
     scales = controller.scales(step)                    # [L] on the device
     group_lrs = global_lr[step] * scales                # one op, no host sync
@@ -128,8 +129,8 @@ class Run:
         self.controls_trainable = "trainable" in _overridden(ctrl)
         self.transforms = bool(self.controller.transforms_update)
 
-        # Optimizer: per layer, one group for >=2-D tensors and one for 1-D tensors, each
-        # with its LR a 0-d view into group_lrs[kind, layer].
+        # Optimizer: per layer, one group (or one for >=2-D tensors and one for 1-D tensors),
+        # each with its LR a 0-d view into group_lrs[kind, layer].
         num_layers = len(self.layers)
         self.group_lrs = torch.zeros(2, num_layers, device=device)
         self.scale_1d = bool(self.controller.scale_1d)

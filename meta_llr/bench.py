@@ -1,0 +1,545 @@
+"""Benchmark: the framework's training step against a bare PyTorch loop, in one process.
+
+    python -m meta_llr.bench --device cpu --models fastnet,resnet
+    python -m meta_llr.bench --device cuda --models fastnet,resnet56 --controllers uniform,lars
+    python -m meta_llr.bench --device cuda --sync-check          # 50 steps per controller, sync = error
+
+Variants, all on the same model (same seed, same initial weights), the same pre-drawn
+batches already on the device, the same optimizer hyper-parameters:
+
+* ``bare``: the loop a researcher writes by hand (:class:`BareLoop`): normalise, forward,
+  cross-entropy, backward, ``torch.optim.SGD(momentum, nesterov, weight_decay, fused=True)``
+  with ONE param group and a Python-float LR, ``zero_grad(set_to_none=True)``. No controller,
+  no statistics, no records. Fused because the framework's optimizer is fused too: the
+  comparison then measures only what the framework adds (per-layer groups with tensor LRs,
+  controller, statistics, accumulators), not a different SGD kernel.
+* the framework's ``Run.train_step`` with ``uniform`` and with every registered controller,
+  each ``Run`` built from the real Hydra config (``controller=NAME`` with its YAML defaults).
+
+Timing: variants are interleaved (round-robin blocks of ``--block`` steps, the starting
+variant rotating each round) so that drifting machine load hits all of them alike; the first
+``--warmup`` steps of each variant are discarded; the Python garbage collector is paused
+inside timed blocks (and run between them) for every variant alike. CPU steps are timed with
+``time.perf_counter``; CUDA steps with ``torch.cuda.Event`` pairs recorded around each step and
+one synchronisation after each block (none inside it). Reported: the median and p10/p90 of
+the per-step times, images/s from the median, ``ratio_to_bare`` (median / bare's median) and
+``ratio_paired`` (median over rounds of the variant's block time / bare's block time in the
+same round, more robust to load drift).
+
+Memory, per variant: ``extra_state_bytes`` counts, once per storage, the tensors reachable
+from ``controller.state_dict()`` and the controller's attributes (lists, tuples, dicts
+followed) that are not the model's parameters, their gradients or the LR table, plus the
+loop's buffer ``Run.prev`` that exists because of what the controller needs (the weights
+before the step / the last update). It is compared with ``param_bytes`` (the model's trainable
+parameters); the target is at most 2x (plus 1 KiB per layer for per-layer scalars: Adam moments
+are exactly 2x and their per-layer bookkeeping must not fail them). Not counted: momentum buffers (bare has them too) and
+the diagnostics' copy of the initial kernels (framework state, same for every controller).
+The runs' plan is that of a ``--plan-epochs`` (200) epoch run, so a controller that keeps a
+per-step ``[steps, layers]`` table is charged for the table of a real run.
+On CUDA ``peak_mem_bytes`` is ``torch.cuda.max_memory_allocated`` during the variant's
+steps minus what was allocated before them (activations, gradients, temporaries of one step)
+plus the variant's resident training state (parameters, momentum, extra state).
+
+Targets (ratio of medians to ``bare``): ``uniform`` and hand-crafted baselines (the
+``baselines`` package) 1.03; ``hessian_secant``, ``adam_probe``, ``layca``, ``lars``,
+``hypergrad`` and any other adaptive controller 1.10; ``rnn_meta`` (online) 1.25.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from meta_llr.errors import UserError
+
+RATIO_BASELINE, RATIO_ADAPTIVE = 1.03, 1.10
+RATIO_BY_NAME = {"uniform": 1.03, "hessian_secant": 1.10, "adam_probe": 1.10, "layca": 1.10, "lars": 1.10,
+                 "hypergrad": 1.10, "rnn_meta": 1.25}
+MEMORY_RATIO = 2.0
+MEMORY_PER_LAYER = 1024  # bytes of allowance per layer for per-layer scalars on top of 2x the parameters
+# Options a controller is benchmarked with, where they exist in its YAML (the issue's setting).
+BENCH_OVERRIDES = {"rnn_meta": {"learn": "online"}}
+SYNC_CHECK_STEPS = 50
+DEFAULTS = {"cpu": dict(batch=256, steps=8, warmup=1, block=1),
+            "cuda": dict(batch=512, steps=100, warmup=10, block=10)}
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+PLAN_EPOCHS = 200
+MAX_PLAN_STEPS = 100_000  # caps the plan for tiny batches (per-step tables grow with it)
+SYNTHETIC_TRAIN_SIZE = 50_000  # CIFAR-10's: the once-per-epoch diagnostics step comes at its real rate
+
+
+def ratio_target(name: str, cls) -> float:
+    if name in RATIO_BY_NAME:
+        return RATIO_BY_NAME[name]
+    return RATIO_BASELINE if cls.__module__.startswith("baselines.") else RATIO_ADAPTIVE
+
+
+# ----------------------------------------------------------------------------- config
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def model_overrides(name: str) -> list[str]:
+    """``fastnet``, ``resnet`` (20), ``resnetN`` (ResNet-N, e.g. ``resnet56``) or any model YAML."""
+    yamls = {p.name[:-5] for p in files("meta_llr.conf").joinpath("model").iterdir() if p.name.endswith(".yaml")}
+    if name in yamls:
+        return [f"model={name}"]
+    if name.startswith("resnet") and name[6:].isdigit():
+        return ["model=resnet", f"model.depth={int(name[6:])}"]
+    raise UserError(f"unknown model '{name}'; valid: {', '.join(sorted(yamls))} or resnetN (e.g. resnet56)")
+
+
+def data_overrides(data: str, synthetic_size: int = SYNTHETIC_TRAIN_SIZE) -> list[str]:
+    if data == "synthetic":
+        return ["data=synthetic", f"data.train_size={synthetic_size}", "data.test_size=16"]
+    if not Path(data).exists():
+        raise UserError(f"--data {data}: no such path; give an image-folder tree (train/, test/) or 'synthetic'")
+    return ["data=imagefolder", f"data.path={Path(data).resolve()}"]
+
+
+def controller_overrides(name: str, cls, workdir: Path) -> list[str]:
+    """The bench's setting for ``name`` (where its YAML has the key), plus the options a
+    controller needs to run at all (``Controller.example_options``, e.g. a file to read)."""
+    yaml = files("meta_llr.conf").joinpath("controller", f"{name}.yaml").read_text()
+    keys = {line.split(":", 1)[0].strip() for line in yaml.splitlines() if ":" in line and not line.startswith(" ")}
+    options = {k: v for k, v in BENCH_OVERRIDES.get(name, {}).items() if k in keys}
+    example = getattr(cls, "example_options", None)
+    if example is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        options.update(example(workdir))
+    return [f"controller.{k}={v}" for k, v in options.items()]
+
+
+@contextmanager
+def shared_data():
+    """Load each dataset once for all the Runs of the bench (``Run`` calls ``load_data``)."""
+    import meta_llr.train as train_module
+    from omegaconf import OmegaConf
+
+    original, cache = train_module.load_data, {}
+
+    def load(cfg):
+        key = OmegaConf.to_yaml(cfg)
+        if key not in cache:
+            cache[key] = original(cfg)
+        return cache[key]
+
+    train_module.load_data = load
+    try:
+        yield
+    finally:
+        train_module.load_data = original
+
+
+# ----------------------------------------------------------------------------- the yardstick
+class BareLoop:
+    """The hand-written loop: same model, normalisation, precision; one fused SGD group."""
+
+    def __init__(self, model: torch.nn.Module, mean, std, channels_last: bool, autocast, trainer):
+        self.model, self.mean, self.std = model, mean, std
+        self.channels_last, self.autocast = channels_last, autocast
+        self.label_smoothing = float(trainer.label_smoothing)
+        nesterov = bool(trainer.nesterov and trainer.momentum > 0)
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=float(trainer.lr),
+                                         momentum=trainer.momentum, nesterov=nesterov,
+                                         weight_decay=trainer.weight_decay, fused=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = (x.float() - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            loss = F.cross_entropy(self.model(x).float(), y, label_smoothing=self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- memory
+def storage_bytes(tensors) -> dict[int, int]:
+    out = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        out[storage.data_ptr()] = storage.nbytes()
+    return out
+
+
+def reachable_tensors(obj, depth: int = 0, seen: set | None = None):
+    """Tensors in ``obj``, following dicts, lists, tuples and plain attribute objects."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 6:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from reachable_tensors(value, depth + 1, seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for value in obj:
+            yield from reachable_tensors(value, depth + 1, seen)
+    elif isinstance(obj, torch.nn.Module):
+        yield from obj.parameters()
+        yield from obj.buffers()
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        yield from reachable_tensors(vars(obj), depth + 1, seen)
+
+
+def extra_state_bytes(run) -> int:
+    """Bytes of the controller's tensors and the loop's ``prev`` buffer (see module docstring).
+
+    The controller's attributes and its ``state_dict()`` are counted separately and the larger
+    is kept: a ``state_dict`` that returns copies must not count its tensors twice."""
+    from meta_llr.interface import Layer, Plan
+
+    controller = run.controller
+    own = [p for p in run.model.parameters()] + [p.grad for p in run.model.parameters() if p.grad is not None]
+    own.append(run.plan.lr_table)
+    exclude = set(storage_bytes(own))
+    attributes = {k: v for k, v in vars(controller).items() if not isinstance(v, (Layer, Plan))
+                  and k not in ("layers", "plan")}
+    loop = storage_bytes(run.prev) if run.prev is not None else {}
+
+    def total(tensors) -> int:
+        found = {**storage_bytes(tensors), **loop}
+        return sum(n for ptr, n in found.items() if ptr not in exclude)
+
+    return max(total(reachable_tensors(attributes)), total(reachable_tensors(controller.state_dict())))
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def resident_bytes(params, optimizer, extra: int) -> int:
+    momentum = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                   for t in state.values() if isinstance(t, torch.Tensor))
+    return sum(p.numel() * p.element_size() for p in params) + momentum + extra
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclasses.dataclass
+class Variant:
+    name: str
+    step: callable
+    target: float | None = None
+    times_ms: list = dataclasses.field(default_factory=list)
+    block_ms: list = dataclasses.field(default_factory=list)   # per round, for the paired ratio
+    transient_peak: int = 0
+    run: object = None
+    bare: BareLoop | None = None
+
+
+def time_block(variant: Variant, batches, start: int, count: int, device: torch.device,
+               clock=time.perf_counter) -> list[float]:
+    """Run ``count`` steps of ``variant``; per-step milliseconds, with no sync inside the block."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
+    gc.collect()
+    gc.disable()
+    try:
+        if cuda:
+            events[0].record()
+            for i in range(count):
+                x, y = batches[(start + i) % len(batches)]
+                variant.step(x, y)
+                events[i + 1].record()
+            torch.cuda.synchronize(device)
+            times = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+            variant.transient_peak = max(variant.transient_peak, torch.cuda.max_memory_allocated(device) - base)
+        else:
+            times = []
+            for i in range(count):
+                x, y = batches[(start + i) % len(batches)]
+                t0 = clock()
+                variant.step(x, y)
+                times.append((clock() - t0) * 1e3)
+    finally:
+        gc.enable()
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    position = (len(values) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return values[low] + (values[high] - values[low]) * (position - low)
+
+
+# ----------------------------------------------------------------------------- building
+def build_variants(model_name: str, controllers: list[str], args, registry, workdir: Path):
+    from meta_llr.train import Run
+
+    base = [*data_overrides(args.data, args.synthetic_size), *model_overrides(model_name),
+            f"device={args.device}", "quiet=true",
+            f"trainer.batch_size={args.batch}", "trainer.checkpoint=false", "logger=[csv]"]
+    # The plan of a real run (per-step tables are sized by it), long enough for every step the bench takes.
+    import meta_llr.train as train_module
+    first = compose_config([*base, "controller=uniform"])
+    steps_per_epoch = math.ceil(len(train_module.load_data(first.data).train) / args.batch)
+    steps_needed = args.warmup + args.steps + SYNC_CHECK_STEPS + 1
+    plan_epochs = min(args.plan_epochs, math.ceil(MAX_PLAN_STEPS / steps_per_epoch))
+    base.append(f"trainer.epochs={max(plan_epochs, math.ceil(steps_needed / steps_per_epoch) + 1)}")
+    probe = Run(compose_config([*base, "controller=uniform"]), workdir / "bare")
+    bare = BareLoop(probe.model, probe.mean, probe.std, probe.channels_last, probe.autocast, probe.cfg.trainer)
+    shared_x, shared_y = probe.train_x, probe.train_y
+    variants = [Variant("bare", bare.step, bare=bare, run=probe)]
+    for name in controllers:
+        cfg = compose_config([*base, f"controller={name}", *controller_overrides(name, registry[name], workdir / name)])
+        run = Run(cfg, workdir / name)
+        run.train_x, run.train_y = shared_x, shared_y  # one copy of the data on the device
+        run.eval_splits = {}
+        variants.append(Variant(name, run.train_step, ratio_target(name, registry[name]), run=run))
+    # The same pre-drawn, augmented batches for every variant.
+    gen = torch.Generator(device=probe.device).manual_seed(1)
+    from meta_llr.data import augment
+    batches = []
+    for i in range(4):
+        index = torch.randint(0, len(shared_y), (args.batch,), generator=gen, device=probe.device)
+        batches.append((augment(shared_x[index], probe.crop_pad, probe.flip, gen), shared_y[index]))
+    return variants, batches, probe
+
+
+def measure(model_name: str, controllers: list[str], args, registry, workdir: Path) -> list[dict]:
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    variants, batches, probe = build_variants(model_name, controllers, args, registry, workdir)
+    print(f"[{model_name}] {len(probe.layers)} layers, {param_bytes(probe.model) / 2**20:.2f} MiB of parameters; "
+          f"{len(variants)} variants built in {time.perf_counter() - started:.1f} s", flush=True)
+    for variant in variants:
+        time_block(variant, batches, 0, args.warmup, device)
+    rounds = math.ceil(args.steps / args.block)
+    round_started = time.perf_counter()
+    for r in range(rounds):
+        count = min(args.block, args.steps - r * args.block)
+        for k in range(len(variants)):
+            variant = variants[(k + r) % len(variants)]
+            times = time_block(variant, batches, args.warmup + r * args.block, count, device, CLOCKS[args.clock])
+            variant.times_ms.extend(times)
+            variant.block_ms.append(sum(times))
+        elapsed = time.perf_counter() - round_started
+        print(f"[{model_name}] round {r + 1}/{rounds} done, {elapsed:.0f} s, "
+              f"about {elapsed / (r + 1) * (rounds - r - 1):.0f} s left", flush=True)
+    return rows_for(model_name, variants, args, probe)
+
+
+def rows_for(model_name, variants, args, probe) -> list[dict]:
+    device = torch.device(args.device)
+    bare = variants[0]
+    bare_median = percentile(bare.times_ms, 50)
+    pbytes = param_bytes(probe.model)
+    rows = []
+    for variant in variants:
+        median = percentile(variant.times_ms, 50)
+        ratio = median / bare_median
+        paired = percentile([a / b for a, b in zip(variant.block_ms, bare.block_ms)], 50)
+        if variant.bare is not None:
+            extra, params, optimizer = 0, list(variant.bare.model.parameters()), variant.bare.optimizer
+        else:
+            extra, params, optimizer = extra_state_bytes(variant.run), variant.run.params, variant.run.optimizer
+        row = {
+            "model": model_name, "controller": variant.name, "device": device.type, "batch": args.batch,
+            "clock": args.clock if device.type == "cpu" else "cuda_event", "threads": torch.get_num_threads(),
+            "layers": len(probe.layers), "steps_timed": len(variant.times_ms),
+            "step_ms_median": round(median, 3), "step_ms_p10": round(percentile(variant.times_ms, 10), 3),
+            "step_ms_p90": round(percentile(variant.times_ms, 90), 3),
+            "images_per_s": round(args.batch / (median / 1e3), 1),
+            "ratio_to_bare": round(ratio, 4), "ratio_paired": round(paired, 4),
+            "target": variant.target, "meets_target": None if variant.target is None else ratio <= variant.target,
+            "extra_state_bytes": extra, "param_bytes": pbytes, "extra_state_ratio": round(extra / pbytes, 4),
+            "meets_memory": extra <= MEMORY_RATIO * pbytes + MEMORY_PER_LAYER * len(probe.layers),
+            "peak_mem_bytes": (variant.transient_peak + resident_bytes(params, optimizer, extra)
+                               if device.type == "cuda" else None),
+        }
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+COLUMNS = [("model", "model", "{:<10}"), ("controller", "controller", "{:<16}"),
+           ("step_ms_median", "median ms", "{:>10.1f}"), ("step_ms_p10", "p10 ms", "{:>9.1f}"),
+           ("step_ms_p90", "p90 ms", "{:>9.1f}"), ("images_per_s", "img/s", "{:>8.0f}"),
+           ("ratio_to_bare", "ratio", "{:>6.3f}"), ("ratio_paired", "paired", "{:>6.3f}"),
+           ("target", "target", "{:>6.2f}"), ("extra_state_ratio", "extra/P", "{:>7.3f}")]
+
+
+def format_table(rows: list[dict]) -> str:
+    widths = [len(fmt.format(0 if "s}" not in fmt and "<" not in fmt else "")) for _, _, fmt in COLUMNS]
+    lines = ["  ".join(title.ljust(w) if "<" in fmt else title.rjust(w)
+                       for (_, title, fmt), w in zip(COLUMNS, widths)) + "  ok"]
+    for row in rows:
+        cells = [("-".rjust(w) if row[key] is None else fmt.format(row[key]))
+                 for (key, _, fmt), w in zip(COLUMNS, widths)]
+        ok = "" if row["meets_target"] is None else ("yes" if row["meets_target"] and row["meets_memory"] else "NO")
+        lines.append("  ".join(cells) + f"  {ok}")
+    return "\n".join(lines)
+
+
+def misses(rows: list[dict]) -> list[str]:
+    out = []
+    for row in rows:
+        if row["meets_target"] is False:
+            out.append(f"{row['model']}/{row['controller']}: ratio {row['ratio_to_bare']:.3f} > target "
+                       f"{row['target']:.2f} (over by {(row['ratio_to_bare'] / row['target'] - 1) * 100:.1f}%)")
+        if not row["meets_memory"]:
+            out.append(f"{row['model']}/{row['controller']}: extra state {row['extra_state_ratio']:.3f}x the "
+                       f"parameter bytes > {MEMORY_RATIO:.0f}x "
+                       f"(over by {row['extra_state_bytes'] - MEMORY_RATIO * row['param_bytes']:,.0f} bytes)")
+    return out
+
+
+# ----------------------------------------------------------------------------- sync check
+def sync_check(model_name: str, controllers: list[str], args, registry, workdir: Path) -> list[str]:
+    """``SYNC_CHECK_STEPS`` steps per controller with CUDA sync debug mode "error"; the failures."""
+    if args.device != "cuda":
+        raise UserError("--sync-check needs --device cuda (on CPU, tests/test_contract.py counts host syncs)")
+    # Short synthetic epochs, so that the 50 steps include end-of-epoch (diagnostics) steps.
+    args = argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 0, "plan_epochs": 1,
+                                 "synthetic_size": min(args.synthetic_size, 20 * args.batch)})
+    variants, batches, _ = build_variants(model_name, controllers, args, registry, workdir)
+    failures = []
+    for variant in variants[1:]:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(SYNC_CHECK_STEPS):
+                variant.step(*batches[i % len(batches)])
+            status = "ok"
+        except Exception as error:  # a sync raises RuntimeError; report any failure, go on
+            status = f"FAILED at step {variant.run.step}: {type(error).__name__}: {(str(error) or '?').splitlines()[0]}"
+            failures.append(f"{model_name}/{variant.name}: {status}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        print(f"[sync-check {model_name}] {variant.name:<18} {SYNC_CHECK_STEPS} steps: {status}", flush=True)
+    return failures
+
+
+# ----------------------------------------------------------------------------- main
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m meta_llr.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default="fastnet,resnet", help="comma-separated: fastnet, resnet, resnetN, ...")
+    parser.add_argument("--controllers", default="all", help="comma-separated registered names, or 'all'")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (cpu 8, cuda 100)")
+    parser.add_argument("--warmup", type=int, help="discarded steps per variant (cpu 1, cuda 10)")
+    parser.add_argument("--block", type=int, help="steps per variant per round (cpu 1, cuda 10)")
+    parser.add_argument("--batch", type=int, help="batch size (cpu 256, cuda 512)")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' (CIFAR-shaped) or an image-folder PATH")
+    parser.add_argument("--synthetic-size", type=int, default=SYNTHETIC_TRAIN_SIZE,
+                        help="training images of the synthetic data (sets how often the once-per-epoch "
+                             "diagnostics step comes)")
+    parser.add_argument("--out", default=".", help="folder for bench.json")
+    parser.add_argument("--plan-epochs", type=int, default=PLAN_EPOCHS,
+                        help="epochs of the runs' plan: sizes per-step tables (controllers that precompute "
+                             "a [steps, layers] schedule) as in a real run; the bench takes only a few steps of it")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                        help="CPU only: 'thread' times the CPU time of the main thread (use with --threads 1): "
+                             "insensitive to other processes on a shared machine, not a wall-clock speed")
+    parser.add_argument("--sync-check", action="store_true",
+                        help=f"instead of timing: {SYNC_CHECK_STEPS} steps per controller under "
+                             "torch.cuda.set_sync_debug_mode('error')")
+    args = parser.parse_args(argv)
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("steps", "batch", "block", "synthetic_size", "plan_epochs"):
+        if getattr(args, key) < 1:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.clock == "thread" and args.device != "cpu":
+        raise UserError("--clock thread is for --device cpu only (CUDA steps are timed with CUDA events)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return args
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from meta_llr.interface import available
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    registry = available()
+    if args.controllers == "all":
+        controllers = list(registry)
+    else:
+        controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
+        unknown = [c for c in controllers if c not in registry]
+        if unknown:
+            raise UserError(f"unknown controller {', '.join(unknown)}; registered: {', '.join(registry)}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        model_overrides(m)
+    data_overrides(args.data)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
+    print(f"bench: torch {torch.__version__}, {args.device} ({device_name}), {torch.get_num_threads()} threads, "
+          f"{args.clock} clock, "
+          f"batch {args.batch}, {args.steps} timed + {args.warmup} warm-up steps per variant in blocks of "
+          f"{args.block}; controllers: {', '.join(controllers)}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="meta_llr_bench_") as tmp, shared_data():
+        if args.sync_check:
+            failures = []
+            for m in models:
+                failures += sync_check(m, controllers, args, registry, Path(tmp) / m)
+            print("sync-check: " + ("all passed" if not failures else "FAILED\n  " + "\n  ".join(failures)))
+            return 1 if failures else 0
+        rows = []
+        for m in models:
+            rows += measure(m, controllers, args, registry, Path(tmp) / m)
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    (out / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(format_table(rows))
+    missed = misses(rows)
+    print(f"targets missed ({len(missed)}):\n  " + "\n  ".join(missed) if missed else "all targets met")
+    print(f"wrote {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

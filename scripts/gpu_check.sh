@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# One-command GPU check (issue 7), about 5 minutes on one H200:
+#   1. python -m meta_llr.bench on CUDA: bare loop vs every registered controller,
+#      fastnet, resnet (20) and resnet56, batch 512 -> bench.json, images/s and ratios;
+#   2. the sync check: 50 steps of Run.train_step per controller (fastnet and resnet)
+#      under torch.cuda.set_sync_debug_mode("error");
+#   3. a 10-epoch fastnet run on the CIFAR-10 JPEG copy with trainer.compile=true
+#      -> images/s and test accuracy.
+#
+# Usage:  scripts/gpu_check.sh [CIFAR_DIR]
+#   CIFAR_DIR (or $CIFAR_DIR): folder with cifar10-train.zip and cifar10-test.zip, or train/ and test/
+#   (default .data/cifar10-jpeg, a git-ignored folder in the repo).
+#   Outputs (bench.json, logs, the run's records) go to $OUT if set, else ./gpu_check_out.
+# Each part's failure is reported and the other parts still run; the exit status is the
+# number of failed parts.
+set -euo pipefail
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python}
+CIFAR_DIR=${1:-${CIFAR_DIR:-.data/cifar10-jpeg}}
+OUT=${OUT:-./gpu_check_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SECONDS=0
+failed=()
+
+echo "== environment"
+if ! "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda available:', torch.cuda.is_available())"; then
+    echo "FATAL: torch is not importable with $PYTHON; install the dependencies first" >&2
+    exit 10
+fi
+if ! "$PYTHON" -c "import meta_llr" 2>/dev/null; then
+    echo "installing the project (pip install -e . --no-deps)"
+    "$PYTHON" -m pip install -q -e . --no-deps
+fi
+"$PYTHON" -c "import hydra, omegaconf, meta_llr.train" || { echo "FATAL: missing packages (hydra-core, omegaconf, ...)" >&2; exit 11; }
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "FATAL: no CUDA GPU visible" >&2
+    exit 12
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PYTHON" -c "import torch; print(torch.cuda.get_device_name(), 'capability', torch.cuda.get_device_capability())"
+
+part() {  # part NAME COMMAND...: run, log to $OUT/NAME.log, record a failure without stopping
+    local name=$1; shift
+    echo; echo "== $name ($(date -u +%H:%M:%S), ${SECONDS}s so far)"
+    local rc=0
+    "$@" 2>&1 | tee "$OUT/$name.log" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "!! $name FAILED (exit $rc), see $OUT/$name.log"
+        failed+=("$name")
+    fi
+}
+
+part sync_check "$PYTHON" -m meta_llr.bench --device cuda --models fastnet,resnet --batch 512 --sync-check
+part bench "$PYTHON" -m meta_llr.bench --device cuda --models fastnet,resnet,resnet56 --batch 512 --steps ${BENCH_STEPS:-60} --out "$OUT"
+
+if { [ -f "$CIFAR_DIR/cifar10-train.zip" ] && [ -f "$CIFAR_DIR/cifar10-test.zip" ]; } || { [ -d "$CIFAR_DIR/train" ] && [ -d "$CIFAR_DIR/test" ]; }; then
+    part fastnet_cifar10 "$PYTHON" -m meta_llr.train controller=uniform model=fastnet data=imagefolder \
+        "data.path=$(cd "$CIFAR_DIR" && pwd)" data.workers=1 "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda \
+        trainer.epochs=10 trainer.batch_size=512 trainer.lr=0.1 schedule=onecycle trainer.label_smoothing=0.2 \
+        trainer.compile=true trainer.checkpoint=false quiet=true "hydra.run.dir=$OUT/fastnet_cifar10"
+    if [ -f "$OUT/fastnet_cifar10/summary.json" ]; then
+        "$PYTHON" - "$OUT/fastnet_cifar10" 50000 <<'EOF' || true
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+s = json.loads((run / "summary.json").read_text())
+rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+n_train = int(sys.argv[2])
+images = n_train * s["epochs_done"]
+print(f"fastnet CIFAR-10 (JPEG copy), {s['epochs_done']} epochs, compile: status {s['status']}, final test acc {s['final_test_acc']}, "
+      f"best {s['best_test_acc']}, {s['wall_s']:.1f} s wall (compile and evaluation included), "
+      f"{images / s['wall_s']:,.0f} images/s overall")
+if len(rows) >= 2:  # epochs after the first: compilation done
+    dt = rows[-1]["wall_s"] - rows[0]["wall_s"]
+    print(f"  epochs 2-{len(rows)}: {n_train * (len(rows) - 1) / dt:,.0f} images/s (training + per-epoch evaluation)")
+EOF
+    fi
+else
+    echo; echo "!! fastnet_cifar10 SKIPPED: no cifar10-train.zip / cifar10-test.zip in $CIFAR_DIR"
+    failed+=("fastnet_cifar10")
+fi
+
+echo; echo "== summary (${SECONDS}s)"
+if [ -f "$OUT/bench.json" ]; then
+    "$PYTHON" - "$OUT/bench.json" <<'EOF' || true
+import json, sys
+rows = json.load(open(sys.argv[1]))
+for r in rows:
+    mark = "" if r["meets_target"] is None else ("ok" if r["meets_target"] and r["meets_memory"] else "MISSED")
+    print(f"{r['model']:<9} {r['controller']:<17} {r['step_ms_median']:8.2f} ms  {r['images_per_s']:>9,.0f} img/s  "
+          f"ratio {r['ratio_to_bare']:.3f} (target {r['target'] or '-'})  extra {r['extra_state_ratio']:.3f}x  {mark}")
+EOF
+fi
+grep -h "sync-check:" -A30 "$OUT/sync_check.log" 2>/dev/null || true
+if [ ${#failed[@]} -eq 0 ]; then
+    echo "all parts ran; outputs in $OUT"
+else
+    echo "FAILED parts: ${failed[*]}; outputs in $OUT"
+fi
+exit ${#failed[@]}

@@ -1,0 +1,103 @@
+"""The benchmark runs end to end and writes a valid bench.json (no timing assertions).
+
+That a training step makes no host-device synchronisation (``.item()``, ``.cpu()``,
+``.tolist()``, ...) with any registered controller is checked by
+``tests/test_contract.py::test_contract`` (``count_host_syncs``), and on CUDA by
+``python -m meta_llr.bench --sync-check``; it is not repeated here.
+"""
+import json
+
+import pytest
+import torch
+
+from meta_llr import bench
+from meta_llr.errors import UserError
+from meta_llr.interface import available
+
+REQUIRED = {"model", "controller", "device", "batch", "step_ms_median", "step_ms_p10", "step_ms_p90",
+            "images_per_s", "ratio_to_bare", "extra_state_bytes", "param_bytes", "target", "meets_target"}
+TINY = ["--device", "cpu", "--models", "mlp", "--steps", "3", "--warmup", "1", "--batch", "8",
+        "--synthetic-size", "64"]
+
+
+def second_controller() -> str:
+    """A registered controller other than uniform, preferring one with statistics and state."""
+    registry = available()
+    with_needs = [n for n, c in registry.items() if n != "uniform" and c.needs]
+    others = [n for n in registry if n != "uniform"]
+    if not others:
+        pytest.skip("only uniform is registered")
+    return (with_needs or others)[0]
+
+
+def test_bench_writes_valid_json(tmp_path, capsys):
+    other = second_controller()
+    assert bench.main([*TINY, "--controllers", f"uniform,{other}", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["controller"] for r in rows] == ["bare", "uniform", other]
+    for row in rows:
+        assert REQUIRED <= set(row), REQUIRED - set(row)
+        assert row["model"] == "mlp" and row["device"] == "cpu" and row["batch"] == 8
+        assert row["steps_timed"] == 3
+        assert 0 < row["step_ms_p10"] <= row["step_ms_median"] <= row["step_ms_p90"]
+        assert row["images_per_s"] == pytest.approx(8 / row["step_ms_median"] * 1e3, abs=0.06)
+        assert row["param_bytes"] == rows[0]["param_bytes"] > 0
+    bare, uniform = rows[0], rows[1]
+    assert bare["ratio_to_bare"] == 1.0 and bare["target"] is None and bare["meets_target"] is None
+    assert uniform["target"] == 1.03 and uniform["extra_state_bytes"] <= 16 * uniform["layers"]
+    assert uniform["ratio_to_bare"] == pytest.approx(uniform["step_ms_median"] / bare["step_ms_median"], rel=1e-3)
+    assert uniform["meets_target"] == (uniform["ratio_to_bare"] <= 1.03)
+    out = capsys.readouterr().out
+    assert "bare" in out and other in out and "bench.json" in out
+
+
+def test_the_mlp_param_bytes_and_prev_buffer_are_counted(tmp_path):
+    """mlp on 3x32x32, hidden 256, depth 2: (3072*256+256) + (256*256+256) + (256*10+10) floats."""
+    import argparse
+
+    args = argparse.Namespace(device="cpu", data="synthetic", synthetic_size=32, batch=4, warmup=0, steps=1, plan_epochs=1,
+                              block=1)
+    registry = available()
+    name = next((n for n, c in registry.items() if {"grad_dot_prev_update", "update_norm"} & set(c.needs)), None)
+    controllers = ["uniform"] + ([name] if name else [])
+    with bench.shared_data():
+        variants, batches, probe = bench.build_variants("mlp", controllers, args, registry, tmp_path)
+    expected = 4 * ((3072 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10))
+    assert bench.param_bytes(probe.model) == expected
+    num_layers = len(probe.layers)
+    assert 0 < bench.extra_state_bytes(variants[1].run) <= 16 * num_layers  # uniform: per-layer scalars only
+    if name:  # the loop's prev buffer alone is one copy of the parameters
+        assert bench.extra_state_bytes(variants[2].run) >= expected
+    assert len(batches) == 4 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][0].dtype == torch.uint8
+
+
+def test_percentile_matches_numpy():
+    import numpy as np
+
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    for q in (10, 50, 90):
+        assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_model_names_and_targets():
+    assert bench.model_overrides("resnet56") == ["model=resnet", "model.depth=56"]
+    assert bench.model_overrides("fastnet") == ["model=fastnet"]
+    assert bench.model_overrides("resnet18") == ["model=resnet18"]
+    with pytest.raises(UserError, match="unknown model"):
+        bench.model_overrides("vgg")
+    registry = available()
+    assert bench.ratio_target("uniform", registry["uniform"]) == 1.03
+    for name, cls in registry.items():
+        expected = {"rnn_meta": 1.25}.get(name, 1.03 if cls.__module__.startswith("baselines.") else 1.10)
+        if name in ("hessian_secant", "adam_probe", "layca", "lars", "hypergrad"):
+            expected = 1.10
+        assert bench.ratio_target(name, cls) == expected, name
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown controller"):
+        bench.main([*TINY, "--controllers", "uniform,nope", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="--steps"):
+        bench.main([*TINY, "--steps", "0", "--out", str(tmp_path)])
+    with pytest.raises(UserError, match="no such path"):
+        bench.main([*TINY, "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
