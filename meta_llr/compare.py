@@ -193,7 +193,10 @@ class Setting:
 
     @property
     def title(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.key.items())
+        title = ", ".join(f"{k}={v}" for k, v in self.key.items())
+        if "jpeg" in str(self.key.get("data", "")).lower():  # the lossy CIFAR-10 copy: say so on every figure
+            title += " (JPEG-compressed images: accuracy runs below the official data)"
+        return title
 
 
 def group_label(run: RunDir, by: str) -> str:

@@ -856,7 +856,7 @@ def _load_imagefolder(cfg: Mapping) -> Dataset:
                     train = Split(torch.from_numpy(z["train_x"]), torch.from_numpy(z["train_y"]))
                     test = Split(torch.from_numpy(z["test_x"]), torch.from_numpy(z["test_y"]))
                     classes = [str(c) for c in z["classes"]]
-                return _finish(cfg, "imagefolder", train, test, classes, str(path))
+                return _finish(cfg, "imagefolder", train, test, classes, _folder_source(path))
             except Exception as exc:  # corrupt or foreign file: rebuild it
                 warnings.warn(f"ignoring unreadable cache {cache_file}: {_one_line(exc)}", stacklevel=2)
 
@@ -882,7 +882,19 @@ def _load_imagefolder(cfg: Mapping) -> Dataset:
                     old.unlink(missing_ok=True)
         except OSError as exc:
             warnings.warn(f"could not write the image cache {cache_file}: {_one_line(exc)}", stacklevel=2)
-    return _finish(cfg, "imagefolder", train, test, classes, str(path))
+    return _finish(cfg, "imagefolder", train, test, classes, _folder_source(path))
+
+
+def _folder_source(path: Path) -> str:
+    """The path, marked when its images are JPEG (lossy: accuracies run below the originals)."""
+    names: list[str] = []
+    for zpath in ([path] if path.is_file() else sorted(path.glob("*.zip"))):
+        with zipfile.ZipFile(zpath) as archive:
+            names += archive.namelist()[:20]
+    if path.is_dir():
+        names += [p.name for p, _ in zip(path.glob("*/*/*"), range(20))]
+    lossy = any(name.lower().endswith((".jpg", ".jpeg")) for name in names)
+    return f"{path} (JPEG images: lossy)" if lossy else str(path)
 
 
 # --------------------------------------------------------------------------- #

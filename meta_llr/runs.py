@@ -60,7 +60,13 @@ class RunDir:
         """What must match for runs to be pooled: data, model (with its options), epochs."""
         model = self.config.get("model") or {"name": self.summary.get("model")}
         options = ", ".join(f"{k}={v}" for k, v in sorted(model.items()) if k != "name")
-        return {"data": self.summary.get("data") or self.get("data.name"),
+        data = self.summary.get("data") or self.get("data.name")
+        path = self.get("data.path")
+        if path:  # two image folders are two datasets: never pool them
+            data = f"{data}({Path(str(path)).name})"
+        if "JPEG" in str(self.summary.get("data_source", "")):
+            data += "[JPEG]"
+        return {"data": data,
                 "model": f"{model.get('name')}({options})" if options else model.get("name"),
                 "epochs": self.get("trainer.epochs")}
 

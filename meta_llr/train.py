@@ -84,7 +84,7 @@ class Run:
 
         # Data: the whole dataset lives on the device as uint8.
         data = load_data(cfg.data)
-        self.data_name, self.synthetic = data.name, data.synthetic
+        self.data_name, self.synthetic, self.data_source = data.name, data.synthetic, data.source
         self.train_x, self.train_y = data.train.x.to(device), data.train.y.to(device)
         self.eval_splits = {"test": data.test}
         if data.val is not None:
@@ -437,6 +437,7 @@ class Run:
             "model": self.cfg.model.name,
             "data": self.data_name,
             "synthetic": self.synthetic,
+            "data_source": self.data_source,
             "seed": int(self.cfg.seed),
             "study": self.cfg.study,
             "layers": [layer.name for layer in self.layers],

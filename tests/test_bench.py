@@ -40,7 +40,7 @@ def test_bench_writes_valid_json(tmp_path, capsys):
         assert row["model"] == "mlp" and row["device"] == "cpu" and row["batch"] == 8
         assert row["steps_timed"] == 3
         assert 0 < row["step_ms_p10"] <= row["step_ms_median"] <= row["step_ms_p90"]
-        assert row["images_per_s"] == pytest.approx(8 / row["step_ms_median"] * 1e3, abs=0.06)
+        assert row["images_per_s"] == pytest.approx(8 / row["step_ms_median"] * 1e3, abs=0.5)  # rounded to 1 img/s
         assert row["param_bytes"] == rows[0]["param_bytes"] > 0
     bare, uniform = rows[0], rows[1]
     assert bare["ratio_to_bare"] == 1.0 and bare["target"] is None and bare["meets_target"] is None
