@@ -6,8 +6,10 @@ A subclass writes one vectorised numpy function
 
 with ``progress = step / total_steps`` (``Plan.progress``: 0 at the first step) and
 ``depth = index / (L - 1)`` (0 for the first layer or group, 1 for the last). ``setup``
-evaluates it once for every step of the run and keeps the ``[T, L]`` table on the device
-as float32; ``scales(step)`` is a row of that table (a view: no work, no sync, per step).
+evaluates it once for every step of the run to check it and plan the freezing, then keeps
+only one epoch of it on the device (``[steps_per_epoch, L]`` float32, rebuilt at each epoch
+boundary, so a long run of a small model holds no ``[T, L]`` table); ``scales(step)`` is a row
+of that window (a view: no work, no sync, per step).
 The same ``curve`` draws the plots (``meta_llr.plot_schedules``) and answers the tests.
 
 Zeros freeze layers. A layer whose scale is exactly 0 at a step is reported frozen by
@@ -96,8 +98,17 @@ class ClosedForm(Controller):
         if len(dead):
             raise UserError(f"controller={name}: every layer has scale 0 at progress {dead[0] / total:.3f}, "
                             "so nothing would train; raise the lowest scale")
-        self.table = torch.from_numpy(table32).to(plan.device)
         self._plan_freezing(table32 == 0)
+        self.window_start, self.window = 0, self._window(0)
+
+    def _window(self, start: int) -> torch.Tensor:
+        """Rows ``start .. start + steps_per_epoch`` of the schedule, as a device tensor."""
+        total = self.plan.total_steps
+        steps = np.arange(start, min(start + self.steps_per_epoch, total))
+        rows = torch.from_numpy(np.asarray(self.curve(steps / total, self.depth), dtype=np.float32))
+        if self.plan.device.type == "cuda":  # pinned: the copy is asynchronous, no host sync
+            return rows.pin_memory().to(self.plan.device, non_blocking=True)
+        return rows.to(self.plan.device)
 
     def _plan_freezing(self, frozen: np.ndarray) -> None:
         """Precompute the steps where the trainable mask changes, so ``trainable`` is a lookup."""
@@ -119,7 +130,11 @@ class ClosedForm(Controller):
                 self.trains_from[layer] = int(np.argmin(column))
 
     def scales(self, step: int) -> torch.Tensor:
-        return self.table[min(step, len(self.table) - 1)]
+        step = min(step, self.plan.total_steps - 1)
+        if not 0 <= step - self.window_start < len(self.window):  # once per epoch
+            self.window_start = step - step % self.steps_per_epoch
+            self.window = self._window(self.window_start)
+        return self.window[step - self.window_start]
 
     def trainable(self, step: int) -> list[bool] | None:
         if not self._change_steps:
@@ -131,7 +146,7 @@ class ClosedForm(Controller):
         step at which a layer that starts frozen first trains (empty cells: never)."""
         if not self._change_steps:
             return {}
-        total = len(self.table)
+        total = self.plan.total_steps
         return {"freezing": [
             {"index": layer.index, "layer": layer.name,
              "frozen_from_step": frozen, "frozen_from_progress": None if frozen is None else frozen / total,

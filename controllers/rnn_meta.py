@@ -35,8 +35,10 @@ How the learner learns (``learn=``):
 * ``unrolled``: the signal is ``∂L_val(θ_k)/∂log s`` after a ``unroll``-step SGD lookahead
   from the current weights on training batches, ``L_val`` on a held-out batch, computed with
   ``torch.func`` every ``meta_every`` steps (:func:`meta_llr.metatrain.unrolled_hypergradient`;
-  cost per step ≈ (3·unroll + 1)/meta_every training steps). The loop does not hand batches
-  to controllers, so it works through the API only: ``controller.attach_lookahead(...)``.
+  cost per step ≈ (3·unroll + 1)/meta_every training steps). The loop hands over its model,
+  loss and a batch sampler through the plan (``Plan.sample_batches``; the held-out batch comes
+  from the validation split, so it needs ``data.val_size=N``); ``attach_lookahead(...)`` sets
+  other ones from Python.
 * ``off``: frozen weights from ``weights=PATH`` (written by ``meta_llr.metatrain`` or
   :meth:`RNNMeta.save_weights`); ``weights=null`` keeps the seeded initial weights.
   Evolution strategies over whole runs (``meta_llr.metatrain``) have no truncation bias
@@ -171,6 +173,8 @@ class RNNMeta(Controller):
     def setup(self, layers, plan):
         super().setup(layers, plan)
         device, L, H = plan.device, self.num_layers, self.hidden
+        if self.learn == "unrolled" and self.lookahead is None and plan.sample_batches is not None:
+            self.attach_lookahead(plan.model, plan.loss_fn, lambda: plan.sample_batches(self.unroll))
         self.learner.to(device)
         self.params = list(self.learner.parameters())
         self.log_base = self._baseline_table(device)        # [rows, L]
@@ -251,9 +255,8 @@ class RNNMeta(Controller):
     def observe(self, step, stats):
         every, k = self.every, self.horizon
         if self.learn == "unrolled" and self.lookahead is None:
-            raise UserError("controller.learn=unrolled needs held-out batches, which the training loop "
-                            "does not hand to controllers; call controller.attach_lookahead(...) from "
-                            "Python, or use controller.learn=online")
+            raise UserError("controller.learn=unrolled needs held-out batches: run it in the training "
+                            "loop (with data.val_size=N) or call controller.attach_lookahead(...)")
         # 1) the signal for the output used at step-1 (online: ∂L(t)/∂log s(t−1)).
         if step >= 1 and self.learn == "online":
             slot = ((step - 1) // every) % (2 * k)

@@ -125,6 +125,12 @@ class Plan:
     epochs: int
     device: torch.device
     lr_table: torch.Tensor      # [total_steps] float32 on device: global_lr(step)
+    # For controllers that look ahead (rnn_meta learn=unrolled): the trained module, its loss
+    # ``loss_fn(outputs, y)``, and ``sample_batches(k) -> ([(x, y)] * k, (x, y))``: k fresh
+    # training batches and one held-out batch (validation split), inputs normalised, on device.
+    model: object = None
+    loss_fn: object = None
+    sample_batches: object = None
 
     def global_lr(self, step: int) -> torch.Tensor:
         """0-d device tensor, the global LR at ``step`` (a view: no copy, no sync)."""

@@ -52,8 +52,7 @@ def unrolled_hypergradient(model, loss_fn, log_scales: torch.Tensor, layer_of: d
     (``layer_of[id(param)] = l``; parameters in no layer stay fixed), from the model's current
     weights, differentiated through all k steps (second order) with ``torch.func``. Costs about
     3k+1 forward/backward passes. Momentum is not unrolled. A model with BatchNorm in train
-    mode must be prepared with ``torch.func.replace_all_batch_norm_modules_`` (its running
-    statistics cannot be updated inside a function transform).
+    mode uses batch statistics; its running statistics are updated on throw-away copies.
     """
     from torch.func import functional_call, grad, grad_and_value
 
@@ -62,7 +61,8 @@ def unrolled_hypergradient(model, loss_fn, log_scales: torch.Tensor, layer_of: d
     buffers = dict(model.named_buffers())
 
     def batch_loss(p, x, y):
-        return loss_fn(functional_call(model, (p, buffers), (x,)), y)
+        # fresh copies inside the transform: BatchNorm may update them; the model's stay untouched
+        return loss_fn(functional_call(model, (p, {n: b.clone() for n, b in buffers.items()}), (x,)), y)
 
     def val_after(log_s):
         p = params

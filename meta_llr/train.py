@@ -115,7 +115,10 @@ class Run:
         total = self.steps_per_epoch * self.epochs
         lr_table = torch.tensor(t.lr * lr_factors(cfg.schedule, total), dtype=torch.float32, device=device)
         self.plan = Plan(total_steps=total, steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
-                         device=device, lr_table=lr_table)
+                         device=device, lr_table=lr_table, model=self.model, loss_fn=self._loss_fn,
+                         sample_batches=self._sample_batches)
+        self.lookahead_gen = torch.Generator(device=device)
+        self.lookahead_gen.manual_seed(int(cfg.seed) + 1)  # its own stream: the training order is unchanged
         self.lr_host = lr_table.cpu()
 
         # The controller.
@@ -207,6 +210,23 @@ class Run:
         if squared:
             return out.index_add_(0, self.param_layer, values * values).sqrt_()
         return out.index_add_(0, self.param_layer, values)
+
+    def _loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+
+    def _sample_batches(self, k: int):
+        """``Plan.sample_batches``: k random augmented training batches and one validation batch."""
+        if "val" not in self.eval_splits:
+            raise UserError("this controller needs a held-out batch: set data.val_size=N (e.g. 5000 for CIFAR)")
+        gen, size = self.lookahead_gen, self.batch_size
+        batches = []
+        for _ in range(k):
+            index = torch.randint(len(self.train_y), (size,), generator=gen, device=self.device)
+            x = augment(self.train_x[index], self.crop_pad, self.flip, gen)
+            batches.append((self.normalize(x), self.train_y[index]))
+        val_x, val_y = self.eval_splits["val"]
+        index = torch.randint(len(val_y), (size,), generator=gen, device=self.device)
+        return batches, (self.normalize(val_x[index]), val_y[index])
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std

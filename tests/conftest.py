@@ -21,6 +21,17 @@ def compose_config(*overrides):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny ops (the RNN learner, quadratics): intra-op threads only add contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_config():
     return compose_config
 

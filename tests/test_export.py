@@ -92,7 +92,8 @@ def test_replay_by_depth_and_mismatch_errors(tmp_path, make_config):
     p = np.arange(total) / total
     first, last = 1.5 - p, 0.5 + p
     expected = first[:, None] * (1 - depth) + last[:, None] * depth  # linear in depth between them
-    assert len(depth) == 4 and run.controller.table.numpy() == pytest.approx(expected, abs=1e-6)
+    table = np.stack([run.controller.scales(step).numpy() for step in range(total)])
+    assert len(depth) == 4 and table == pytest.approx(expected, abs=1e-6)
 
     with pytest.raises(UserError, match="has 2 layers but the model has 4.*match=depth"):
         Run(make_config(*replay_overrides(schedule)), tmp_path / "b")

@@ -11,12 +11,7 @@ from tests.conftest import TINY, compose_config
 from tests.test_rnn_meta import Quadratic
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quadratic_objective(theta, seed):

@@ -19,13 +19,7 @@ CURVATURES = (1.0, 10.0, 100.0)
 LR = 0.018  # η·λ = 0.018, 0.18, 1.8: far too small for the flat layer, near the limit 2 for the sharp one
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The learner's ops are tiny: intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Quadratic:
@@ -218,10 +212,29 @@ def test_unrolled_mode_through_the_api(tmp_path):
     assert not torch.equal(run.controller.flat(), start)
     assert torch.isfinite(run.controller.current).all()
 
-    plain = Run(cfg, tmp_path / "plain")   # without attach_lookahead: a one-line error, not a crash
-    with pytest.raises(UserError, match="attach_lookahead"):
+    plain = Run(cfg, tmp_path / "plain")   # no validation split to draw from: one line naming the fix
+    with pytest.raises(UserError, match="data.val_size"):
         for x, y in plain.batches():
             plain.train_step(x, y)
+
+
+def test_unrolled_mode_in_the_loop_with_batchnorm(tmp_path):
+    """From the config alone: the loop hands its model, loss and batches to the learner."""
+    tiny = [o for o in TINY if not o.startswith("model")]
+    cfg = compose_config(*tiny, "model=shallow", "model.width=4", "data.val_size=16", "controller=rnn_meta",
+                         "controller.learn=unrolled", "controller.meta_every=2", "controller.unroll=2",
+                         "controller.horizon=1")
+    run = Run(cfg, tmp_path)
+    start = run.controller.flat()
+    running_mean = [b.clone() for n, b in run.model.named_buffers() if n.endswith("running_mean")]
+    x, y = next(iter(run.batches()))
+    run.controller._unrolled_signal(0)   # the lookahead leaves the model's BatchNorm statistics alone
+    assert all(torch.equal(a, b) for a, b in zip(
+        running_mean, [b for n, b in run.model.named_buffers() if n.endswith("running_mean")]))
+    summary = run.fit()
+    assert summary["status"] == "finished"
+    assert not torch.equal(run.controller.flat(), start)
+    assert torch.isfinite(run.controller.current).all()
 
 
 def test_every_two_steps_still_learns_the_ordering():
