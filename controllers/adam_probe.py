@@ -82,9 +82,12 @@ class AdamProbe(Controller):
         self.t = 0
         self.smoothed = torch.ones(self.num_layers, device=device)
         self.ones = torch.ones(self.num_layers, device=device)
-        probes = (plan.total_steps - 1) // self.probe_every + 1 if self.probe_every else 0
+        # Probes wait on the device until the next evaluation moves them to the host
+        # (``records``): room for one epoch of them, doubled if evaluations are rarer.
+        probes = -(-plan.steps_per_epoch // self.probe_every) + 1 if self.probe_every else 0
         self.probe_values = torch.zeros(probes, self.num_layers, len(self.quantiles) + 2, device=device)
-        self.probe_steps: list[int] = []
+        self.probe_steps: list[int] = []                  # steps of the probes still on the device
+        self.probe_history: list[tuple[int, list]] = []   # (step, per-layer values) on the host
 
     def _sum_sq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         v = torch.stack(torch._foreach_norm(tensors)).float()
@@ -114,6 +117,10 @@ class AdamProbe(Controller):
             self._probe(step, adam_step, adam_sq, sgd_sq)
 
     def _probe(self, step: int, adam_step: list[torch.Tensor], adam_sq: torch.Tensor, sgd_sq: torch.Tensor) -> None:
+        if len(self.probe_steps) == len(self.probe_values):  # no room: grow (device ops, no sync)
+            grown = self.probe_values.new_zeros(2 * len(self.probe_values), *self.probe_values.shape[1:])
+            grown[:len(self.probe_values)].copy_(self.probe_values)
+            self.probe_values = grown
         row = self.probe_values[len(self.probe_steps)]
         for l in range(self.num_layers):
             values = torch.cat([a.abs().flatten() for a in adam_step[self.bounds[l]:self.bounds[l + 1]]])
@@ -129,13 +136,16 @@ class AdamProbe(Controller):
 
     def records(self) -> dict[str, list[dict]]:
         """``adam_probe.csv``: one row per probe and layer."""
-        if not self.probe_steps:
+        if self.probe_steps:
+            values = self.probe_values[:len(self.probe_steps)].cpu().tolist()
+            self.probe_history.extend(zip(self.probe_steps, values))
+            self.probe_steps = []
+        if not self.probe_history:
             return {}
-        values = self.probe_values[:len(self.probe_steps)].cpu().tolist()
         lrs = self.plan.lr_table.cpu().tolist()
         names = [f"q{round(q * 100):02d}" for q in self.quantiles]
         rows = []
-        for step, per_layer in zip(self.probe_steps, values):
+        for step, per_layer in self.probe_history:
             for l, layer_values in enumerate(per_layer):
                 row = {"step": step, "global_lr": lrs[step], "layer": l, "name": self.layers[l].name}
                 row.update(zip(names, layer_values[:len(names)]))
@@ -145,12 +155,14 @@ class AdamProbe(Controller):
 
     def state_dict(self) -> dict:
         return {"m": self.m, "v": self.v, "t": self.t, "smoothed": self.smoothed,
-                "probe_values": self.probe_values, "probe_steps": list(self.probe_steps)}
+                "probe_values": self.probe_values, "probe_steps": list(self.probe_steps),
+                "probe_history": list(self.probe_history)}
 
     def load_state_dict(self, state: Mapping) -> None:
         torch._foreach_copy_(self.m, state["m"])
         torch._foreach_copy_(self.v, state["v"])
         self.t = int(state["t"])
         self.smoothed.copy_(state["smoothed"])
-        self.probe_values.copy_(state["probe_values"])
+        self.probe_values = state["probe_values"].clone().to(self.probe_values.device)
         self.probe_steps = list(state["probe_steps"])
+        self.probe_history = [(int(step), list(values)) for step, values in state["probe_history"]]

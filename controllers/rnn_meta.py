@@ -17,7 +17,7 @@ arXiv 2009.11243). ``cos(g_l(t), −u_l(t−1))`` is the cosine between this gra
 previous update's direction: exactly the previous gradient's for SGD without momentum or
 decay, the momentum buffer's otherwise; it costs no copy of the gradient. Layer rotation is
 ``1 − cos(w_l(t), w_l(0))`` over the kernels (Carbonnelle & De Vleeschouwer, arXiv 1806.01603)
-and needs one copy of the initial kernels (≤ 1× the parameter bytes).
+and needs one half-precision copy of the initial kernels (≤ 0.5× the parameter bytes).
 
 How the learner learns (``learn=``):
 
@@ -181,7 +181,10 @@ class RNNMeta(Controller):
         self.depth_dev = self.depths.to(device)
         self.kernels = [k for layer in layers for k in _kernels(layer)]
         self.kernel_layer = torch.tensor([l.index for l in layers for _ in _kernels(l)], device=device)
-        self.initial = [k.detach().clone() for k in self.kernels]
+        # the initial kernels in half precision (rotation is a feature, not a measurement):
+        # with the loop's update buffer this keeps the extra state within 2x the parameters
+        self.initial = [k.detach().to(torch.float16) for k in self.kernels]
+        self.initial_norms = torch.stack(torch._foreach_norm([k.detach().float() for k in self.kernels]))
         self.normalised = torch.zeros(NUM_FEATURES, dtype=torch.bool, device=device)
         self.normalised[NORMALISED] = True
         zeros = lambda *shape: torch.zeros(*shape, device=device)
@@ -291,7 +294,7 @@ class RNNMeta(Controller):
     def _features(self, step, stats, log_loss) -> torch.Tensor:
         grad_norm, weight_norm, update_norm = stats["grad_norm"], stats["weight_norm"], stats["update_norm"]
         dots = torch.stack([torch.sum(k * k0) for k, k0 in zip(self.kernels, self.initial)])
-        norms = torch.stack(torch._foreach_norm(self.kernels)) * torch.stack(torch._foreach_norm(self.initial))
+        norms = torch.stack(torch._foreach_norm(self.kernels)) * self.initial_norms
         L = self.num_layers
         dot_l = torch.zeros(L, device=dots.device).index_add_(0, self.kernel_layer, dots)
         norm_l = torch.zeros(L, device=dots.device).index_add_(0, self.kernel_layer, norms)
@@ -369,7 +372,7 @@ class RNNMeta(Controller):
 
     # ------------------------------------------------------------------ state
     _STATE = ("hidden_state", "window_x", "window_signal", "window_start", "signal_sq", "feature_mean",
-              "feature_sq", "prev_update_norm", "log_loss_avg", "offset", "current")
+              "feature_sq", "prev_update_norm", "log_loss_avg", "offset", "current", "initial_norms")
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).clone() for name in self._STATE}
