@@ -11,7 +11,10 @@ flat weights ``φ`` and, per iteration, ``pairs`` draws ``ε_i ~ N(0, I)`` each 
 Whole runs are evaluated, so there is no truncation bias (Metz et al. 2019, arXiv
 1810.10180), at the price of variance. Runs use ``controller=rnn_meta controller.learn=off``
 (frozen learner); a diverged or non-finite run scores ``--max-loss``. Evaluations run in
-``--workers`` processes (``concurrent.futures`` with ``spawn``; Hydra launchers are not used).
+``--workers`` processes (``concurrent.futures`` with ``spawn``), or, with ``--launcher NAME``,
+through the same Hydra launchers as sweeps (``basic``, ``joblib``, ``submitit_slurm``, ...):
+each iteration writes its candidates' weights to files and launches one multirun per task
+over them (:func:`launch_jobs`).
 Every iteration writes ``weights.pt`` (plug into ``controller=rnn_meta controller.learn=off
 controller.weights=OUT/weights.pt``), appends one line to ``metatrain.jsonl`` and checkpoints
 ``metatrain_state.pt``; ``--resume`` continues exactly::
@@ -27,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,11 +105,47 @@ def run_objective(flat: np.ndarray, overrides: list[str], max_loss: float) -> fl
         if "val" not in run.eval_splits:
             raise UserError("meta-training needs a validation split; add --val-size N (N > 0)")
         run.controller.load_flat(torch.as_tensor(flat))
+        run.controller.setup(run.layers, run.plan)  # its first output from these weights, as with weights=PATH
         for _ in range(run.epochs):
             for x, y in run.batches():
                 run.train_step(x, y)
         loss = run.evaluate("val")[0]
     return loss if math.isfinite(loss) and loss < max_loss else max_loss
+
+
+def launch_jobs(jobs: list, folder: Path, launcher: str, save_weights) -> list[float]:
+    """Score ``(theta, (overrides, max_loss))`` jobs with ``python -m meta_llr.train -m``: one
+    Hydra multirun per task over the candidates' weight files, through ``hydra/launcher``."""
+    from meta_llr.records import read_jsonl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for j, (theta, _) in enumerate(jobs):
+        paths.append((folder / f"candidate{j}.pt").resolve())
+        save_weights(theta, paths[-1])
+    by_task: dict[tuple, list[int]] = {}
+    for j, (_, (overrides, _max_loss)) in enumerate(jobs):
+        by_task.setdefault(tuple(overrides), []).append(j)
+    values = [0.0] * len(jobs)
+    for t, (overrides, members) in enumerate(by_task.items()):
+        sweep = folder / f"task{t}"
+        command = [sys.executable, "-m", "meta_llr.train", "-m", *overrides,
+                   "controller.weights=" + ",".join(str(paths[j]) for j in members),
+                   f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
+        if launcher != "basic":
+            command.append(f"hydra/launcher={launcher}")
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"launching with hydra/launcher={launcher} failed: {last}")
+        for k, j in enumerate(members):  # job k of the sweep ran weights members[k]
+            run, max_loss = sweep / str(k), jobs[j][1][1]
+            summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+            metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+            loss = metrics[-1].get("val_loss") if metrics and summary.get("status") == "finished" else None
+            values[j] = loss if loss is not None and math.isfinite(loss) else max_loss
+    shutil.rmtree(folder, ignore_errors=True)  # the runs are scored; keep only the ES log
+    return values
 
 
 def _init_worker(threads: int) -> None:
@@ -153,7 +194,8 @@ class ES:
 def evolve(objective, theta0: np.ndarray, tasks: list, iterations: int, pairs: int = 4,
            sigma: float = 0.05, lr: float = 0.02, seed: int = 0, workers: int = 1,
            out: str | Path | None = None, resume: bool = False, save_weights=None,
-           threads: int = 1, max_value: float = 1e6, eval_every: int = 0, log=print) -> ES:
+           threads: int = 1, max_value: float = 1e6, eval_every: int = 0, log=print,
+           evaluate=None) -> ES:
     """Run ES for ``iterations`` on ``objective(theta, *task) -> float``; returns the optimiser.
 
     Values that are not finite or above ``max_value`` (diverged runs) count as ``max_value``.
@@ -163,6 +205,7 @@ def evolve(objective, theta0: np.ndarray, tasks: list, iterations: int, pairs: i
 
     With ``out``: checkpoint, log and weights (``save_weights(theta, path)``) every iteration.
     ``objective`` must be picklable (a module-level function) when ``workers > 1``.
+    ``evaluate(jobs, iteration) -> values``, if given, scores the ``(theta, task)`` jobs instead.
     """
     es = ES(theta0, sigma, lr, pairs, seed)
     out = Path(out) if out is not None else None
@@ -190,7 +233,9 @@ def evolve(objective, theta0: np.ndarray, tasks: list, iterations: int, pairs: i
             center = bool(eval_every) and es.iteration % eval_every == 0
             if center:
                 jobs += [(es.theta.copy(), task) for task in tasks]
-            if pool is None:
+            if evaluate is not None:
+                values = evaluate(jobs, es.iteration)
+            elif pool is None:
                 values = [objective(theta, *task) for theta, task in jobs]
             else:
                 values = list(pool.map(objective, [j[0] for j in jobs], *zip(*[j[1] for j in jobs])))
@@ -238,6 +283,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=5,
                         help="iterations between scoring the unperturbed learner on every task (0: never)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--launcher", default=None,
+                        help="score runs through this Hydra launcher (basic, joblib, submitit_slurm, ...) "
+                             "instead of --workers processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     args = parser.parse_args(argv)
@@ -274,9 +322,15 @@ def main(argv: list[str] | None = None) -> None:
             controller.load_flat(torch.as_tensor(theta, dtype=torch.float32))
             controller.save_weights(path)
 
+        evaluate = None
+        if args.launcher:
+            def evaluate(jobs, iteration):
+                return launch_jobs(jobs, Path(args.out) / "launched" / f"iteration{iteration}", args.launcher,
+                                   save_weights)
+
         evolve(run_objective, theta0, tasks, args.iterations, args.pairs, args.sigma, args.lr, args.seed,
                args.workers, args.out, args.resume, save_weights, args.threads, args.max_loss,
-               args.eval_every)
+               args.eval_every, evaluate=evaluate)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -79,3 +79,26 @@ def test_cli_writes_weights_that_plug_into_a_frozen_run(tmp_path, capsys):
         main(argv)
     assert error.value.code == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_hydra_launcher_scores_equal_the_in_process_objective(tmp_path):
+    """``--launcher basic``: the same short runs launched as a Hydra multirun score the same."""
+    from meta_llr.metatrain import launch_jobs, run_objective
+
+    overrides = ["controller=rnn_meta", "controller.learn=off", "quiet=true", "trainer.checkpoint=false",
+                 "data.val_size=16", *TINY, "data.train_size=96", "trainer.epochs=1", "seed=0"]
+    learner = RNNMeta(learn="off")
+    base = learner.flat().double().numpy()
+    thetas = [base, base + 0.5 * np.random.default_rng(0).standard_normal(base.size)]
+
+    def save_weights(theta, path):
+        learner.load_flat(torch.as_tensor(theta, dtype=torch.float32))
+        learner.save_weights(path)
+
+    launched = launch_jobs([(theta, (overrides, 10.0)) for theta in thetas], tmp_path / "launched", "basic",
+                           save_weights)
+    torch.set_num_threads(2)  # as in the launched processes: same reduction order
+    direct = [run_objective(theta.astype(np.float32), overrides, 10.0) for theta in thetas]
+    assert launched == pytest.approx(direct, rel=1e-5)
+    assert abs(launched[0] - launched[1]) > 1e-3   # so a swapped mapping would fail
+    assert not (tmp_path / "launched").exists()   # scored runs are removed
