@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from meta_llr.errors import UserError
-from meta_llr.records import csv_text
+from meta_llr.records import rows_csv
 
 LAYER_STATS = "layer_stats.csv"
 
@@ -144,8 +144,7 @@ class Diagnostics:
         return rows
 
     def csv(self) -> str:
-        header = list(dict.fromkeys(k for row in self.rows for k in row)) or ["epoch", "step", "layer", "name"]
-        return csv_text(header, ([row.get(k, "") for k in header] for row in self.rows))
+        return rows_csv(self.rows, default_header=("epoch", "step", "layer", "name"))
 
     def summary(self) -> dict:
         last_step = self.rows[-1]["step"] if self.rows else None

@@ -63,6 +63,12 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     return buffer.getvalue()
 
 
+def rows_csv(rows: Sequence[Mapping], default_header: Sequence[str] = ()) -> str:
+    """CSV of dict rows; the header is the union of their keys, in order of first appearance."""
+    header = list(dict.fromkeys(k for row in rows for k in row)) or list(default_header)
+    return csv_text(header, ([row.get(k, "") for k in header] for row in rows))
+
+
 def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent

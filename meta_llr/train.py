@@ -35,7 +35,7 @@ from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import make_logger
 from meta_llr.models import build_model
 from meta_llr.policies import lr_factors
-from meta_llr.records import (CONFIG, ENV, SUMMARY, RunRecords, csv_text, environment, save_atomic)
+from meta_llr.records import CONFIG, ENV, SUMMARY, RunRecords, environment, rows_csv, save_atomic
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -143,6 +143,8 @@ class Run:
         # buffer holding the weights before the step (later the negated update) when needed.
         self.params = [p for layer in self.layers for p in layer.params]
         self.param_layer = torch.tensor([layer.index for layer in self.layers for _ in layer.params], device=device)
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        self.param_names = [name_of[id(p)] for p in self.params]  # for functional calls (loss_at)
         needs_buffer = self.transforms or bool(self.needs & {"update_norm", "grad_dot_prev_update"})
         self.prev = [torch.zeros_like(p) for p in self.params] if needs_buffer else None
         self.prev_by_layer = self._by_layer(self.prev) if self.prev is not None else None
@@ -243,16 +245,12 @@ class Run:
 
     def _loss_at(self, x: torch.Tensor, y: torch.Tensor):
         """The ``loss_at`` statistic: this batch's loss as a function of the layer parameters."""
-        if not hasattr(self, "param_names"):
-            name_of = {id(p): n for n, p in self.model.named_parameters()}
-            self.param_names = [name_of[id(p)] for p in self.params]
-
         def loss_at(params):
             buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # BN stats untouched
             with self.autocast():
                 out = torch.func.functional_call(self.model, (dict(zip(self.param_names, params)), buffers),
                                                  (self.normalize(x),))
-                return F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+                return self._loss_fn(out, y)
         return loss_at
 
     # ------------------------------------------------------------------ one step
@@ -272,7 +270,7 @@ class Run:
 
         with self.autocast():
             out = self.forward(self.normalize(x))
-            loss = F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+            loss = self._loss_fn(out, y)
         if any(self.trainable):
             loss.backward()
 
@@ -362,8 +360,7 @@ class Run:
         layer_rows = self.diagnostics.at_evaluation(self.epoch, self.step)
         self.records.write_text(LAYER_STATS, self.diagnostics.csv())
         for name, rows in self.controller.records().items():
-            header = list(dict.fromkeys(k for row in rows for k in row))
-            self.records.write_text(f"{name}.csv", csv_text(header, ([row.get(k, "") for k in header] for row in rows)))
+            self.records.write_text(f"{name}.csv", rows_csv(rows))
         new_trace = self.flush_trace()
         self.logger.log_evaluation(row, self.records.trace_header, new_trace, layer_rows)
         self.loss_sum.zero_()
