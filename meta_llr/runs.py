@@ -91,19 +91,19 @@ class RunDir:
 
     @cached_property
     def layer_stats(self) -> list[dict]:
-        path = self.path / LAYER_STATS
-        if not path.exists():
-            return []
-        with open(path, newline="") as handle:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return _read_rows(self.path / LAYER_STATS)
 
     @cached_property
     def layers(self) -> list[dict]:
-        path = self.path / LAYERS
-        if not path.exists():
-            return []
-        with open(path, newline="") as handle:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return _read_rows(self.path / LAYERS)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """A CSV file's rows as dicts with numbers parsed; [] when the file is absent."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def _number(text: str):
