@@ -43,7 +43,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from meta_llr.errors import UserError
 from meta_llr.records import rows_csv
@@ -72,10 +71,11 @@ class Diagnostics:
         self.rows: list[dict] = []
 
     def set_probe_batch(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        label_smoothing: float = 0.0) -> None:
-        """The model and the fixed (already normalised) batch the curvature probe uses."""
+                        loss_fn: Callable, param_names: Sequence[str]) -> None:
+        """The model, its training loss ``loss_fn(outputs, y)``, the names of the layers'
+        parameters (layer order) and the fixed, already normalised batch the probe uses."""
         if self.curvature_every:
-            self.probe = (model, x, y, label_smoothing)
+            self.probe = (model, x, y, loss_fn, list(param_names))
 
     def record_step(self, step: int, stats: Mapping[str, torch.Tensor],
                     updates: Sequence[torch.Tensor] | None = None) -> None:
@@ -91,16 +91,13 @@ class Diagnostics:
 
     def curvature_columns(self) -> dict[str, torch.Tensor]:
         """The curvature probe at the current weights along the last recorded update."""
-        model, x, y, label_smoothing = self.probe
+        model, x, y, train_loss, names = self.probe
         probe_model = copy.deepcopy(model)
         torch.func.replace_all_batch_norm_modules_(probe_model)
         probe_model.train()
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        names = [name_of[id(p)] for layer in self.layers for p in layer.params]
 
         def loss_fn(params):
-            out = torch.func.functional_call(probe_model, dict(zip(names, params)), (x.float(),))
-            return F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+            return train_loss(torch.func.functional_call(probe_model, dict(zip(names, params)), (x.float(),)), y)
 
         params = [[p.detach().float() for p in layer.params] for layer in self.layers]
         updates, i = [], 0

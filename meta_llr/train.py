@@ -152,7 +152,7 @@ class Run:
         self.trainable = [True] * num_layers
         self.diagnostics = Diagnostics(cfg.diagnostics, self.layers, device)
         self.diagnostics.set_probe_batch(self.model, self.normalize(self.train_x[:self.batch_size]),
-                                         self.train_y[:self.batch_size], float(t.label_smoothing))
+                                         self.train_y[:self.batch_size], self._loss_fn, self.param_names)
 
         # Run position, accumulators, records.
         self.gen = torch.Generator(device=device)
