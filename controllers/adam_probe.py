@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from meta_llr.interface import Controller, Layer, Plan, register
+from meta_llr.per_layer import PerLayer
 
 
 def sorted_quantiles(sorted_values: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
@@ -70,11 +71,11 @@ class AdamProbe(Controller):
     def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
         super().setup(layers, plan)
         device = plan.device
-        self.params = [p for layer in layers for p in layer.params]
+        self.per_layer = PerLayer.of_layers(layers, device)
+        self.params = self.per_layer.tensors
         self.bounds = [0]
         for layer in layers:
             self.bounds.append(self.bounds[-1] + len(layer.params))
-        self.param_layer = torch.tensor([layer.index for layer in layers for _ in layer.params], device=device)
         self.m = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.v = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.layer_numel = torch.tensor([float(sum(p.numel() for p in layer.params)) for layer in layers],
@@ -89,13 +90,9 @@ class AdamProbe(Controller):
         self.probe_steps: list[int] = []                  # steps of the probes still on the device
         self.probe_history: list[tuple[int, list]] = []   # (step, per-layer values) on the host
 
-    def _sum_sq(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        v = torch.stack(torch._foreach_norm(tensors)).float()
-        return torch.zeros(self.num_layers, device=v.device).index_add_(0, self.param_layer, v * v)
-
     @torch.no_grad()
     def observe(self, step: int, stats: Mapping[str, torch.Tensor]) -> None:
-        grads = [p.grad.float() if p.grad is not None else torch.zeros_like(m) for p, m in zip(self.params, self.m)]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(m) for p, m in zip(self.params, self.m)]
         self.t += 1
         torch._foreach_lerp_(self.m, grads, 1 - self.beta1)
         torch._foreach_mul_(self.v, self.beta2)
@@ -106,7 +103,7 @@ class AdamProbe(Controller):
         torch._foreach_reciprocal_(adam_step)
         torch._foreach_mul_(adam_step, self.m)
         torch._foreach_div_(adam_step, 1 - self.beta1 ** self.t)
-        adam_sq, sgd_sq = self._sum_sq(adam_step), self._sum_sq(grads)
+        adam_sq, sgd_sq = self.per_layer.sum_sq(adam_step), self.per_layer.sum_sq(grads)
         ratio = torch.where(sgd_sq > 0, (adam_sq / sgd_sq.clamp_min(1e-38)).sqrt(), self.ones).clamp_min(1e-30)
         ratio = ratio / ratio.log().mean().exp()
         if self.t == 1:

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from meta_llr.interface import Controller, Layer, Plan, register
+from meta_llr.per_layer import PerLayer
 
 
 @register("hessian_secant")
@@ -64,8 +65,9 @@ class HessianSecant(Controller):
     def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
         super().setup(layers, plan)
         device = plan.device
-        self.params = [p for layer in layers for p in layer.params]
-        self.param_layer = torch.tensor([layer.index for layer in layers for _ in layer.params], device=device)
+        self.per_layer = PerLayer.of_layers(layers, device)
+        self.params = self.per_layer.tensors
+        self.current = [p.detach() for p in self.params]  # views: always the current weights
         # gradients form: weights = θ(a), other = g(θ(a)); same_batch: other = staged θ(b);
         # snapshots: weights = last snapshot, other = last snapshot difference.
         self.weights = [p.detach().float().clone() for p in self.params]
@@ -78,10 +80,6 @@ class HessianSecant(Controller):
         self.steps_seen = 0
         self.rows: list[dict] = []
 
-    def _l1_per_layer(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        norms = torch.stack(torch._foreach_norm(tensors, 1)).float()
-        return torch.zeros(self.num_layers, device=norms.device).index_add_(0, self.param_layer, norms)
-
     def _new_estimate(self, value: torch.Tensor) -> None:
         value = torch.where(torch.isfinite(value) & (value > 0), value, self.estimate)
         if self.count == 0:
@@ -90,52 +88,49 @@ class HessianSecant(Controller):
             self.estimate.lerp_(value, self.ema)
         self.count += 1
 
-    def _current(self) -> list[torch.Tensor]:
-        return [p.detach().float() for p in self.params]
-
     @torch.no_grad()
     def observe(self, step: int, stats: Mapping[str, torch.Tensor]) -> None:
         # Here the weights are θ(step+1) and p.grad is g(θ(step)) on this step's batch.
         k = self.interval
         if self.form == "snapshots":
             if (step + 1) % k == 0:
-                torch._foreach_sub_(self.weights, self._current())          # θ_i+1 − θ_i+2 (negated new diff)
+                torch._foreach_sub_(self.weights, self.current)          # θ_i+1 − θ_i+2 (negated new diff)
                 if self.have_other:                                       # other = θ_i+1 − θ_i
                     layer_lr = stats["global_lr"] * stats["scales"]
-                    first = self._l1_per_layer(self.other)
+                    first = self.per_layer.norm(self.other, 1)
                     torch._foreach_add_(self.other, self.weights)         # 2θ_i+1 − θ_i − θ_i+2
-                    self._new_estimate(layer_lr * first / self._l1_per_layer(self.other))
+                    self._new_estimate(layer_lr * first / self.per_layer.norm(self.other, 1))
                 torch._foreach_neg_(self.weights)
                 torch._foreach_copy_(self.other, self.weights)
-                torch._foreach_copy_(self.weights, self._current())
+                torch._foreach_copy_(self.weights, self.current)
                 self.have_other = True
         elif not self.same_batch:
             if step % k == 0:  # g(θ(step)) pairs with weights = θ(step), captured one observe ago
-                grads = [p.grad.float() if p.grad is not None else torch.zeros_like(w)
+                grads = [p.grad if p.grad is not None else torch.zeros_like(w)
                          for p, w in zip(self.params, self.weights)]
                 if self.have_other:
                     torch._foreach_sub_(self.other, grads)
-                    self._new_estimate(self.numerator / self._l1_per_layer(self.other))
+                    self._new_estimate(self.numerator / self.per_layer.norm(self.other, 1))
                 torch._foreach_copy_(self.other, grads)
                 self.have_other = True
             if (step + 1) % k == 0:  # weights θ(step+1): the next pair's point
-                torch._foreach_sub_(self.weights, self._current())
-                self.numerator = self._l1_per_layer(self.weights)
-                torch._foreach_copy_(self.weights, self._current())
+                torch._foreach_sub_(self.weights, self.current)
+                self.numerator = self.per_layer.norm(self.weights, 1)
+                torch._foreach_copy_(self.weights, self.current)
         else:
             if step % k == 0 and step > 0:  # g(θ(step)) and g(θ(step−k)) on this batch
                 earlier = [w.clone().requires_grad_(True) for w in self.weights]
                 with torch.enable_grad():
                     earlier_grads = torch.autograd.grad(stats["loss_at"](earlier), earlier, allow_unused=True)
-                grads = [p.grad.float() if p.grad is not None else torch.zeros_like(w)
+                grads = [p.grad if p.grad is not None else torch.zeros_like(w)
                          for p, w in zip(self.params, self.weights)]
                 diffs = [g - (e if e is not None else torch.zeros_like(g)) for g, e in zip(grads, earlier_grads)]
-                self._new_estimate(self.numerator / self._l1_per_layer(diffs))
+                self._new_estimate(self.numerator / self.per_layer.norm(diffs, 1))
                 torch._foreach_copy_(self.weights, self.other)           # θ(step) becomes θ(a)
             if (step + 1) % k == 0:  # stage θ(step+1) and measure |θ(step+1) − θ(a)|
-                current = self._current()
+                current = self.current
                 torch._foreach_copy_(self.other, current)
-                self.numerator = self._l1_per_layer(torch._foreach_sub(current, self.weights))
+                self.numerator = self.per_layer.norm(torch._foreach_sub(current, self.weights), 1)
         self.steps_seen = step + 1
 
     def scales(self, step: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from meta_llr.interface import Controller, Layer, Plan, register
+from meta_llr.per_layer import PerLayer
 
 
 def trust_ratio(weight_norm: torch.Tensor, grad_norm: torch.Tensor, trust: float, wd: float) -> torch.Tensor:
@@ -53,14 +54,9 @@ class Lars(Controller):
     def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
         super().setup(layers, plan)
         device = plan.device
-        self.kernels = [p for layer in layers for p in layer.params if p.dim() > 1 or not self.exclude_1d]
-        self.kernel_layer = torch.tensor([layer.index for layer in layers for p in layer.params
-                                          if p.dim() > 1 or not self.exclude_1d], device=device)
+        self.per_layer = PerLayer.of_layers(layers, device, keep=lambda p: p.dim() > 1 or not self.exclude_1d)
+        self.kernels = self.per_layer.tensors
         self.scale = torch.full((self.num_layers,), self.min_scale, device=device)
-
-    def _norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        v = torch.stack(torch._foreach_norm(tensors)).float()
-        return torch.zeros(self.num_layers, device=v.device).index_add_(0, self.kernel_layer, v * v).sqrt_()
 
     def layer_scales(self, weight_norm: torch.Tensor, grad_norm: torch.Tensor, global_lr: torch.Tensor) -> torch.Tensor:
         ratio = trust_ratio(weight_norm, grad_norm, self.trust, self.wd)
@@ -71,7 +67,8 @@ class Lars(Controller):
     @torch.no_grad()
     def observe(self, step: int, stats: Mapping[str, torch.Tensor]) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.kernels]
-        self.scale = self.layer_scales(self._norms(self.kernels), self._norms(grads), self.plan.global_lr(step + 1))
+        weight_norm, grad_norm = self.per_layer.norm(self.kernels), self.per_layer.norm(grads)
+        self.scale = self.layer_scales(weight_norm, grad_norm, self.plan.global_lr(step + 1))
 
     def scales(self, step: int) -> torch.Tensor:
         return self.scale

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from meta_llr.interface import Controller, Layer, Plan, register
+from meta_llr.per_layer import PerLayer
 
 
 def layca_multipliers(num_layers: int, alpha: float) -> torch.Tensor:
@@ -64,21 +65,12 @@ class Layca(Controller):
         self.multipliers = self.multipliers.clamp(self.min_scale, self.max_scale)
         # Which entries of layer.params are kernels; the per-kernel layer index for gathers.
         self.kernel_index = [[k for k, p in enumerate(layer.params) if p.dim() > 1] for layer in layers]
-        self.kernels = [layer.params[k] for layer, ks in zip(layers, self.kernel_index) for k in ks]
-        self.kernel_layer = torch.tensor([layer.index for layer, ks in zip(layers, self.kernel_index) for _ in ks],
-                                         device=device)
+        self.per_layer = PerLayer.of_layers(layers, device, keep=lambda p: p.dim() > 1)
+        self.kernels = self.per_layer.tensors
+        self.kernel_layer = self.per_layer.tensor_layer
         self.other_index = [[k for k, p in enumerate(layer.params) if p.dim() <= 1] for layer in layers]
         with torch.no_grad():
-            self.initial_norm = self._per_layer_sq(torch._foreach_norm(self.kernels)).sqrt()
-
-    def _per_layer_sq(self, values: list[torch.Tensor]) -> torch.Tensor:
-        """Per-layer sums of squares of per-kernel values."""
-        v = torch.stack(values).float()
-        return torch.zeros(self.num_layers, device=v.device).index_add_(0, self.kernel_layer, v * v)
-
-    def _per_layer_sum(self, values: list[torch.Tensor]) -> torch.Tensor:
-        v = torch.stack(values).float()
-        return torch.zeros(self.num_layers, device=v.device).index_add_(0, self.kernel_layer, v)
+            self.initial_norm = self.per_layer.norm(self.kernels)
 
     def scales(self, step: int) -> torch.Tensor:
         return self.multipliers
@@ -93,9 +85,7 @@ class Layca(Controller):
         # Work in the kernels' own storage: kernel <- w − after = s, then kernel <- a·w + b·s.
         torch._foreach_sub_(self.kernels, w)
         torch._foreach_neg_(self.kernels)                                     # s
-        ww = self._per_layer_sq(torch._foreach_norm(w))
-        ss = self._per_layer_sq(torch._foreach_norm(self.kernels))
-        sw = self._per_layer_sum([torch.sum(a * b) for a, b in zip(self.kernels, w)])
+        ww, ss, sw = self.per_layer.sum_sq(w), self.per_layer.sum_sq(self.kernels), self.per_layer.dot(self.kernels, w)
         s_perp = (ss - sw * sw / ww).clamp_min(0).sqrt()
         rho = self.plan.global_lr(step) * self.multipliers
         c = torch.where(s_perp > 0, rho * ww.sqrt() / s_perp, torch.zeros_like(s_perp))
@@ -103,7 +93,7 @@ class Layca(Controller):
         coef_s = (-c)[self.kernel_layer]
         torch._foreach_mul_(self.kernels, list(coef_s.unbind()))
         torch._foreach_add_(self.kernels, torch._foreach_mul(w, list(coef_w.unbind())))
-        norm = self._per_layer_sq(torch._foreach_norm(self.kernels)).sqrt()
+        norm = self.per_layer.norm(self.kernels)
         torch._foreach_mul_(self.kernels, list((self.initial_norm / norm)[self.kernel_layer].unbind()))
 
     def state_dict(self) -> dict:

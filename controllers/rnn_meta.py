@@ -59,6 +59,7 @@ from torch import nn
 
 from meta_llr.errors import UserError
 from meta_llr.interface import Controller, register
+from meta_llr.per_layer import PerLayer
 
 NUM_FEATURES = 8
 NORMALISED = [0, 1, 2, 7]      # features standardised by running statistics
@@ -180,11 +181,11 @@ class RNNMeta(Controller):
         self.log_base = self._baseline_table(device)        # [rows, L]
         self.depth_dev = self.depths.to(device)
         self.kernels = [k for layer in layers for k in _kernels(layer)]
-        self.kernel_layer = torch.tensor([l.index for l in layers for _ in _kernels(l)], device=device)
-        # the initial kernels in half precision (rotation is a feature, not a measurement):
+        self.per_layer = PerLayer(self.kernels, [l.index for l in layers for _ in _kernels(l)], L, device)
+        # the initial kernels, flat, in half precision (rotation is a feature, not a measurement):
         # with the loop's update buffer this keeps the extra state within 2x the parameters
-        self.initial = [k.detach().to(torch.float16) for k in self.kernels]
-        self.initial_norms = torch.stack(torch._foreach_norm([k.detach().float() for k in self.kernels]))
+        self.initial = self.per_layer.flat([k.detach() for k in self.kernels]).to(torch.float16)
+        self.initial_norms = torch.stack(torch._foreach_norm([k.detach() for k in self.kernels]))
         self.normalised = torch.zeros(NUM_FEATURES, dtype=torch.bool, device=device)
         self.normalised[NORMALISED] = True
         zeros = lambda *shape: torch.zeros(*shape, device=device)
@@ -293,11 +294,9 @@ class RNNMeta(Controller):
 
     def _features(self, step, stats, log_loss) -> torch.Tensor:
         grad_norm, weight_norm, update_norm = stats["grad_norm"], stats["weight_norm"], stats["update_norm"]
-        dots = torch.stack([torch.sum(k * k0) for k, k0 in zip(self.kernels, self.initial)])
-        norms = torch.stack(torch._foreach_norm(self.kernels)) * self.initial_norms
         L = self.num_layers
-        dot_l = torch.zeros(L, device=dots.device).index_add_(0, self.kernel_layer, dots)
-        norm_l = torch.zeros(L, device=dots.device).index_add_(0, self.kernel_layer, norms)
+        dot_l = self.per_layer.total_of_flat(self.per_layer.flat(self.kernels) * self.initial)
+        norm_l = self.per_layer.combine(torch.stack(torch._foreach_norm(self.kernels)) * self.initial_norms)
         log_w = weight_norm.clamp_min(EPS).log()
         x = torch.stack([
             grad_norm.clamp_min(EPS).log(),
@@ -378,7 +377,7 @@ class RNNMeta(Controller):
         state = {name: getattr(self, name).clone() for name in self._STATE}
         state.update(learner=self.weights_dict()["params"], adam_m=[m.clone() for m in self.adam_m],
                      adam_v=[v.clone() for v in self.adam_v], meta_steps=self.meta_steps,
-                     initial=[k.clone() for k in self.initial])
+                     initial=self.initial.clone())
         return state
 
     def load_state_dict(self, state) -> None:
@@ -389,5 +388,5 @@ class RNNMeta(Controller):
                 p.copy_(state["learner"][name])
         torch._foreach_copy_(self.adam_m, list(state["adam_m"]))
         torch._foreach_copy_(self.adam_v, list(state["adam_v"]))
-        torch._foreach_copy_(self.initial, list(state["initial"]))
+        self.initial.copy_(state["initial"])
         self.meta_steps = int(state["meta_steps"])

@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from meta_llr.errors import UserError
 
@@ -244,6 +245,7 @@ class Variant:
     times_ms: list = dataclasses.field(default_factory=list)
     block_ms: list = dataclasses.field(default_factory=list)   # per round, for the paired ratio
     transient_peak: int = 0
+    ops: tuple = (0, 0)           # (kernel ops, view ops) of one step, from count_ops
     run: object = None
     bare: BareLoop | None = None
 
@@ -342,7 +344,37 @@ def measure(model_name: str, controllers: list[str], args, registry, workdir: Pa
         elapsed = time.perf_counter() - round_started
         print(f"[{model_name}] round {r + 1}/{rounds} done, {elapsed:.0f} s, "
               f"about {elapsed / (r + 1) * (rounds - r - 1):.0f} s left", flush=True)
+    for variant in variants:
+        variant.ops = count_ops(variant, batches)
     return rows_for(model_name, variants, args, probe)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched below autograd: ``kernels`` (on a GPU, about one launch
+    each) and ``views`` (metadata only: views, detach, reshapes without a copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view:
+            self.views += 1
+        else:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(variant: Variant, batches) -> tuple[int, int]:
+    """(kernel ops, view ops) of one ordinary training step (not an end-of-epoch probe step):
+    the device-independent measure of the per-step launch work, exact on any machine."""
+    run = variant.run if variant.bare is None else None
+    if run is not None and (run.step + 1) % run.steps_per_epoch == 0:
+        variant.step(*batches[0])
+    counter = _OpCounter()
+    with counter:
+        variant.step(*batches[0])
+    return counter.kernels, counter.views
 
 
 def rows_for(model_name, variants, args, probe) -> list[dict]:
@@ -350,8 +382,10 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
     bare = variants[0]
     bare_median = percentile(bare.times_ms, 50)
     pbytes = param_bytes(probe.model)
-    rows = []
+    rows, bare_ops = [], None
     for variant in variants:
+        kernel_ops, view_ops = variant.ops
+        bare_ops = kernel_ops if bare_ops is None else bare_ops
         median = percentile(variant.times_ms, 50)
         ratio = median / bare_median
         paired = percentile([a / b for a, b in zip(variant.block_ms, bare.block_ms)], 50)
@@ -367,6 +401,8 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
             "step_ms_p90": round(percentile(variant.times_ms, 90), 3),
             "images_per_s": round(args.batch / (median / 1e3), 1),
             "ratio_to_bare": round(ratio, 4), "ratio_paired": round(paired, 4),
+            "kernel_ops": kernel_ops, "extra_kernel_ops": kernel_ops - bare_ops, "view_ops": view_ops,
+            "param_groups": len(optimizer.param_groups),
             "target": variant.target, "meets_target": None if variant.target is None else ratio <= variant.target,
             "extra_state_bytes": extra, "param_bytes": pbytes, "extra_state_ratio": round(extra / pbytes, 4),
             "meets_memory": extra <= MEMORY_RATIO * pbytes + MEMORY_PER_LAYER * len(probe.layers),
@@ -382,7 +418,8 @@ COLUMNS = [("model", "model", "{:<10}"), ("controller", "controller", "{:<16}"),
            ("step_ms_median", "median ms", "{:>10.1f}"), ("step_ms_p10", "p10 ms", "{:>9.1f}"),
            ("step_ms_p90", "p90 ms", "{:>9.1f}"), ("images_per_s", "img/s", "{:>8.0f}"),
            ("ratio_to_bare", "ratio", "{:>6.3f}"), ("ratio_paired", "paired", "{:>6.3f}"),
-           ("target", "target", "{:>6.2f}"), ("extra_state_ratio", "extra/P", "{:>7.3f}")]
+           ("target", "target", "{:>6.2f}"), ("extra_kernel_ops", "+ops", "{:>5d}"),
+           ("extra_state_ratio", "extra/P", "{:>7.3f}")]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -9,7 +9,7 @@ table, the controller, the optimizer (one param group per layer, split by parame
     group_lrs = global_lr[step] * scales                # one op, no host sync
     loss = cross_entropy(model(augment(x)), y); loss.backward()
     (statistics the controller needs, batched)          # torch._foreach_norm & co
-    optimizer.step()                                    # fused SGD/AdamW, tensor LRs
+    fused_step.step()                                   # fused SGD/AdamW kernels, tensor LRs
     controller.observe(step, stats)
 
 Metrics reach the host once per log interval and per evaluation, never inside a step.
@@ -34,6 +34,8 @@ from meta_llr.interface import STATS, Plan, build_controller
 from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import make_logger
 from meta_llr.models import build_model
+from meta_llr.per_layer import PerLayer
+from meta_llr.optim import FusedStep, layer_optimizer, link_group_lrs
 from meta_llr.policies import lr_factors
 from meta_llr.records import CONFIG, ENV, SUMMARY, RunRecords, environment, rows_csv, save_atomic
 
@@ -137,12 +139,13 @@ class Run:
         num_layers = len(self.layers)
         self.group_lrs = torch.zeros(2, num_layers, device=device)
         self.scale_1d = bool(self.controller.scale_1d)
-        self.optimizer = self._make_optimizer()
+        self.optimizer = layer_optimizer(self.layers, self.group_lrs, t, self.scale_1d)
+        self.fused_step = FusedStep(self.optimizer)  # optimizer.step(), minus torch.optim's per-group Python
 
         # Per-step statistics machinery: a flat list of params with their layer index, and one
         # buffer holding the weights before the step (later the negated update) when needed.
         self.params = [p for layer in self.layers for p in layer.params]
-        self.param_layer = torch.tensor([layer.index for layer in self.layers for _ in layer.params], device=device)
+        self.per_layer = PerLayer.of_layers(self.layers, device)
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         self.param_names = [name_of[id(p)] for p in self.params]  # for functional calls (loss_at)
         needs_buffer = self.transforms or bool(self.needs & {"update_norm", "grad_dot_prev_update"})
@@ -176,42 +179,12 @@ class Run:
         self.logger = make_logger(cfg, self.records.dir)
 
     # ------------------------------------------------------------------ building blocks
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        t = self.cfg.trainer
-        groups = []
-        # Same LR and decay for both kinds (the usual case): one group per layer, as each group
-        # costs one optimizer call per step (the fused kernels take one LR tensor per call).
-        merge = self.scale_1d and (t.decay_1d or t.weight_decay == 0)
-        for layer in self.layers:
-            kernels, others = [p for p in layer.params if p.dim() > 1], [p for p in layer.params if p.dim() <= 1]
-            for kind, params in (((0, kernels + others),) if merge else ((0, kernels), (1, others))):
-                if params:
-                    decay = t.weight_decay if kind == 0 or t.decay_1d else 0.0
-                    groups.append({"params": params, "lr": self.group_lrs[kind, layer.index],
-                                   "weight_decay": decay, "layer": layer.index, "kind": kind})
-        if t.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=bool(t.nesterov and t.momentum > 0),
-                                   weight_decay=t.weight_decay, fused=True)
-        return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
-
-    def _link_group_lrs(self) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.group_lrs[group["kind"], group["layer"]]
-
     def _by_layer(self, flat: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         out, i = [], 0
         for layer in self.layers:
             out.append(flat[i:i + len(layer.params)])
             i += len(layer.params)
         return out
-
-    def _per_layer(self, per_param: list[torch.Tensor], squared: bool = True) -> torch.Tensor:
-        """Sum per-parameter values into per-layer values (of squares, then sqrt, if ``squared``)."""
-        values = torch.stack(per_param).float()
-        out = torch.zeros(len(self.layers), device=self.device)
-        if squared:
-            return out.index_add_(0, self.param_layer, values * values).sqrt_()
-        return out.index_add_(0, self.param_layer, values)
 
     def _loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
@@ -274,45 +247,46 @@ class Run:
         if any(self.trainable):
             loss.backward()
 
-        probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
-        if probe:
-            needs = needs | self.diagnostics.needs
-        prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
-        stats = {}
-        if "loss_at" in needs:
-            stats["loss_at"] = self._loss_at(x, y)
-        if needs:
-            # A frozen parameter has no gradient: a shared 0-d zero stands in (norm 0, dot 0).
-            grads = [p.grad if p.grad is not None else self.zero for p in self.params]
-            if "grad_norm" in needs:
-                stats["grad_norm"] = self._per_layer(torch._foreach_norm(grads))
-            if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below; its last use,
-                torch._foreach_mul_(self.prev, grads)  # so multiply in place (one call, no copy)
-                stats["grad_dot_prev_update"] = -self._per_layer([d.sum() for d in self.prev], squared=False)
-        if prev is not None:
-            torch._foreach_copy_(prev, self.params)
-        self.optimizer.step()
-        if self.transforms:
-            controller.transform_update(step, self.prev_by_layer)
-        if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
-            torch._foreach_sub_(prev, self.params)
-        if needs:
+        with torch.no_grad():  # statistics and update: outside autograd
+            probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
+            if probe:
+                needs = needs | self.diagnostics.needs
+            prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
+            stats = {}
+            if "loss_at" in needs:
+                stats["loss_at"] = self._loss_at(x, y)
+            if needs:
+                # A frozen parameter has no gradient: a shared 0-d zero stands in (norm 0, dot 0).
+                grads = [p.grad if p.grad is not None else self.zero for p in self.params]
+                if "grad_norm" in needs:
+                    stats["grad_norm"] = self.per_layer.norm(grads)
+                if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below; its last use,
+                    torch._foreach_mul_(self.prev, grads)  # so multiply in place (one call, no copy)
+                    stats["grad_dot_prev_update"] = -self.per_layer.total(self.prev)
+            if prev is not None:
+                torch._foreach_copy_(prev, self.params)
+            self.fused_step.step()
+            if self.transforms:
+                controller.transform_update(step, self.prev_by_layer)
+            if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
+                torch._foreach_sub_(prev, self.params)
             if "update_norm" in needs:
-                stats["update_norm"] = self._per_layer(torch._foreach_norm(prev))
+                stats["update_norm"] = self.per_layer.norm(prev)
             if "weight_norm" in needs:
-                stats["weight_norm"] = self._per_layer(torch._foreach_norm(self.params))
-        stats.update(loss=loss.detach(), global_lr=global_lr, scales=scales)
-        if self.observes:
-            controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
-        if probe:
-            self.diagnostics.record_step(step, stats, prev)
-        self.optimizer.zero_grad(set_to_none=True)
+                stats["weight_norm"] = self.per_layer.norm(self.params)
+            stats.update(loss=loss.detach(), global_lr=global_lr, scales=scales)
+            if self.observes:
+                controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
+            if probe:
+                self.diagnostics.record_step(step, stats, prev)
+            for p in self.params:
+                p.grad = None
 
-        self.loss_sum.add_(loss.detach(), alpha=len(y))
-        self.correct.add_((out.argmax(1) == y).sum())
-        self.seen += len(y)
-        if step % self.trace_every == 0:
-            self.trace[step // self.trace_every].copy_(scales)
+            self.loss_sum.add_(loss.detach(), alpha=len(y))
+            self.correct.add_((out.argmax(1) == y).sum())
+            self.seen += len(y)
+            if step % self.trace_every == 0:
+                self.trace[step // self.trace_every].copy_(scales)
         self.step += 1
 
     # ------------------------------------------------------------------ epochs
@@ -489,7 +463,8 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.set_trainable(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self._link_group_lrs()
+        link_group_lrs(self.optimizer, self.group_lrs)
+        self.fused_step = FusedStep(self.optimizer)
         self.controller.load_state_dict(state["controller"])
         self.gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])

@@ -101,3 +101,29 @@ def test_bad_options_are_one_line_errors(tmp_path):
         bench.main([*TINY, "--steps", "0", "--out", str(tmp_path)])
     with pytest.raises(UserError, match="no such path"):
         bench.main([*TINY, "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+
+
+def test_per_step_launches_grow_with_param_groups_only(tmp_path):
+    """Kernel ops per step beyond bare's: one fused optimizer call per extra param group plus a
+    constant that is the same for a 3-layer MLP (6 parameter tensors) and a 10-layer ResNet-8
+    (29): no statistic and no registered controller works tensor by tensor. (Controllers that
+    freeze layers at this step are left out: they skip whole groups.)"""
+    import argparse
+
+    args = argparse.Namespace(device="cpu", data="synthetic", synthetic_size=32, batch=4, warmup=0, steps=1,
+                              plan_epochs=1, block=1)
+    constant = {}
+    for model in ("mlp", "resnet8"):
+        variants, batches, probe = bench.build_variants(model, list(available()), args, available(), tmp_path / model)
+        for variant in variants:  # past the first step (torch.optim creates its state there)
+            variant.step(*batches[1])
+        bare_ops = bench.count_ops(variants[0], batches)[0]
+        for variant in variants[1:]:
+            extra = bench.count_ops(variant, batches)[0] - bare_ops
+            if all(variant.run.trainable):
+                constant.setdefault(variant.name, []).append(extra - (len(variant.run.optimizer.param_groups) - 1))
+        assert len(probe.params) == (6 if model == "mlp" else 29)
+    assert {"uniform", "hypergrad", "layca", "rnn_meta"} <= set(constant)
+    for name, values in constant.items():
+        assert len(values) == 2 and values[0] == values[1], (name, values)
+    assert constant["uniform"][0] <= 8

@@ -99,3 +99,16 @@ def test_failed_run_keeps_records(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and "boom" in summary["error"]
     assert (tmp_path / "llr.csv").is_file() and (tmp_path / "layers.csv").is_file()
+
+
+def test_statistics_and_updates_build_no_autograd_graph(tmp_path):
+    """The loop's update buffer and the statistics stay out of autograd: a graph through them
+    would grow by a few nodes per step and keep every step's gradients alive."""
+    run = Run(compose_config(*TINY, "controller=hypergrad"), tmp_path)
+    seen = {}
+    observe = run.controller.observe
+    run.controller.observe = lambda step, stats: (seen.update(stats), observe(step, stats))
+    for x, y in run.batches():
+        run.train_step(x, y)
+    assert run.prev is not None and not any(t.requires_grad for t in run.prev)
+    assert not any(v.requires_grad for v in seen.values() if isinstance(v, torch.Tensor))

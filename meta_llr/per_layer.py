@@ -1,0 +1,80 @@
+"""Per-layer reductions of a list of tensors, in a fixed number of kernel launches.
+
+The statistics of the loop and of the controllers are per layer, over all of a layer's tensors
+(kernel, bias, BatchNorm scale and shift): ``‖g_l‖``, ``Σ|θ_l|``, ``g_l·u_l``. Computing them
+tensor by tensor costs one or two launches per tensor (≈170 for a ResNet-56), which on a GPU is
+host time the step waits for. Here a norm is one ``torch._foreach_norm`` plus a scatter-add into
+``[L]``, and a sum (hence a dot product) is one concatenation, one float64 cumulative sum and a
+gather at the layers' boundaries, whatever the number of tensors; no host sync.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class PerLayer:
+    """Reductions over ``tensors`` (fixed shapes, in layer order) into one value per layer.
+
+    ``layer_of[i]`` is the layer of ``tensors[i]``; a layer's tensors must be consecutive.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], layer_of: Sequence[int], num_layers: int,
+                 device: torch.device):
+        if any(b < a for a, b in zip(layer_of, layer_of[1:])):
+            raise ValueError("PerLayer needs the tensors in layer order")
+        self.tensors, self.num_layers = list(tensors), num_layers
+        self.tensor_layer = torch.tensor(list(layer_of), dtype=torch.long, device=device)
+        counts = [0] * num_layers
+        for t, layer in zip(tensors, layer_of):
+            counts[layer] += t.numel()
+        bounds = [0]
+        for count in counts:
+            bounds.append(bounds[-1] + count)
+        self.numel = bounds[-1]
+        self.bounds = torch.tensor(bounds, dtype=torch.long, device=device)  # layer l: [bounds[l], bounds[l+1])
+
+    @classmethod
+    def of_layers(cls, layers: Sequence, device: torch.device, keep=None) -> PerLayer:
+        """Over the layers' parameters (those with ``keep(p)`` true), available as ``.tensors``."""
+        chosen = [(p, layer.index) for layer in layers for p in layer.params if keep is None or keep(p)]
+        return cls([p for p, _ in chosen], [i for _, i in chosen], len(layers), device)
+
+    def combine(self, per_tensor: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Sum per-tensor values (a ``[T]`` tensor or a list of 0-d tensors) into ``[L]``."""
+        values = per_tensor if isinstance(per_tensor, torch.Tensor) else torch.stack(list(per_tensor))
+        return torch.zeros(self.num_layers, device=values.device).index_add_(0, self.tensor_layer, values.float())
+
+    def sum_sq(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Σ x²`` over each layer's elements."""
+        values = torch.stack(torch._foreach_norm(list(tensors))).float()
+        return self.combine(values * values)
+
+    def norm(self, tensors: Sequence[torch.Tensor], p: float = 2) -> torch.Tensor:
+        """The p-norm (p = 1 or 2) of each layer's elements."""
+        if p == 2:
+            return self.sum_sq(tensors).sqrt_()
+        if p == 1:
+            return self.combine(torch._foreach_norm(list(tensors), 1))
+        raise ValueError(f"p must be 1 or 2, got {p}")
+
+    def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All elements in one vector, layer after layer (one copy)."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def total_of_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per-layer sums of a vector laid out as :meth:`flat` lays it out (float64 accumulation)."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} elements, got {flat.numel()}")
+        running = torch.zeros(self.numel + 1, dtype=torch.float64, device=flat.device)
+        torch.cumsum(flat, 0, dtype=torch.float64, out=running[1:])
+        return running[self.bounds].diff().float()
+
+    def total(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The sum of each layer's elements."""
+        return self.total_of_flat(self.flat(tensors))
+
+    def dot(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``Σ_k a_k·b_k`` over each layer's tensors."""
+        return self.total(torch._foreach_mul(list(a), list(b)))

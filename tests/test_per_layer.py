@@ -1,0 +1,42 @@
+"""Per-layer reductions in a fixed number of launches agree with the tensor-by-tensor sums."""
+import pytest
+import torch
+
+from meta_llr.per_layer import PerLayer
+
+
+def test_per_layer_norms_sums_and_dots_match_direct_computation():
+    torch.manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (7, 4), (2, 2), (3,)]
+    layer_of = [0, 0, 2, 2, 3]               # layer 1 has no tensors: its values are 0
+    a = [torch.randn(s, dtype=torch.float64).float() for s in shapes]
+    b = [torch.randn(s) for s in shapes]
+    per_layer = PerLayer(a, layer_of, 4, torch.device("cpu"))
+
+    def direct(fn):
+        out = torch.zeros(4, dtype=torch.float64)
+        for t, u, layer in zip(a, b, layer_of):
+            out[layer] += fn(t.double(), u.double())
+        return out
+
+    assert torch.allclose(per_layer.total(a).double(), direct(lambda t, u: t.sum()), atol=1e-5)
+    assert torch.allclose(per_layer.dot(a, b).double(), direct(lambda t, u: (t * u).sum()), atol=1e-5)
+    assert torch.allclose(per_layer.sum_sq(a).double(), direct(lambda t, u: (t * t).sum()), atol=1e-4)
+    assert torch.allclose(per_layer.norm(a).double(), direct(lambda t, u: (t * t).sum()).sqrt(), atol=1e-5)
+    assert torch.allclose(per_layer.norm(a, 1).double(), direct(lambda t, u: t.abs().sum()), atol=1e-4)
+    assert per_layer.total(a)[1] == 0 and per_layer.norm(a)[1] == 0
+
+
+def test_per_layer_sum_is_exact_where_float32_summation_loses_the_small_terms():
+    big = torch.full((1000,), 1e8)
+    small = torch.ones(1000)
+    per_layer = PerLayer([big, small, -big], [0, 0, 0], 1, torch.device("cpu"))
+    assert per_layer.total([big, small, -big]).item() == 1000.0   # float64 accumulation
+
+
+def test_per_layer_refuses_tensors_out_of_layer_order_or_of_another_size():
+    with pytest.raises(ValueError, match="layer order"):
+        PerLayer([torch.zeros(2), torch.zeros(2)], [1, 0], 2, torch.device("cpu"))
+    per_layer = PerLayer([torch.zeros(2)], [0], 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected 2 elements"):
+        per_layer.total([torch.zeros(3)])
