@@ -20,7 +20,9 @@ The scales returned are ``m_l`` (so ``effective_lr`` in the diagnostics is ρ_l)
 normalisation parameters are not trained, as in the paper (``other_params=none``: restored
 to their value before the step), or trained by the base optimizer at the global LR
 (``other_params=sgd``). A layer whose step has no orthogonal part (no gradient) is left
-unrotated. No extra state beyond the loop's copy of the weights before the step.
+unrotated. No extra state beyond the loop's copy of the weights before the step; the update
+is computed on flat vectors of all kernels (``meta_llr.per_layer``: a fixed number of kernel
+launches, a few kernel-sized temporaries during the step).
 """
 from __future__ import annotations
 
@@ -67,7 +69,6 @@ class Layca(Controller):
         self.kernel_index = [[k for k, p in enumerate(layer.params) if p.dim() > 1] for layer in layers]
         self.per_layer = PerLayer.of_layers(layers, device, keep=lambda p: p.dim() > 1)
         self.kernels = self.per_layer.tensors
-        self.kernel_layer = self.per_layer.tensor_layer
         self.other_index = [[k for k, p in enumerate(layer.params) if p.dim() <= 1] for layer in layers]
         with torch.no_grad():
             self.initial_norm = self.per_layer.norm(self.kernels)
@@ -82,19 +83,18 @@ class Layca(Controller):
             restore = [layer.params[k] for layer, ks in zip(self.layers, self.other_index) for k in ks]
             if restore:
                 torch._foreach_copy_(restore, [b[k] for b, ks in zip(before, self.other_index) for k in ks])
-        # Work in the kernels' own storage: kernel <- w − after = s, then kernel <- a·w + b·s.
-        torch._foreach_sub_(self.kernels, w)
-        torch._foreach_neg_(self.kernels)                                     # s
-        ww, ss, sw = self.per_layer.sum_sq(w), self.per_layer.sum_sq(self.kernels), self.per_layer.dot(self.kernels, w)
+        # On flat vectors (a fixed number of launches, whatever the number of kernels):
+        # s = w − after (the base step, negated); new w = coef_w·w − c·s, renormalised.
+        pl = self.per_layer
+        w_flat = pl.flat(w)
+        s = w_flat - pl.flat(self.kernels)
+        ww, ss, sw = pl.total_of_flat(w_flat * w_flat), pl.total_of_flat(s * s), pl.total_of_flat(s * w_flat)
         s_perp = (ss - sw * sw / ww).clamp_min(0).sqrt()
         rho = self.plan.global_lr(step) * self.multipliers
         c = torch.where(s_perp > 0, rho * ww.sqrt() / s_perp, torch.zeros_like(s_perp))
-        coef_w = (1 + c * sw / ww)[self.kernel_layer]                         # new w = coef_w·w − c·s
-        coef_s = (-c)[self.kernel_layer]
-        torch._foreach_mul_(self.kernels, list(coef_s.unbind()))
-        torch._foreach_add_(self.kernels, torch._foreach_mul(w, list(coef_w.unbind())))
-        norm = self.per_layer.norm(self.kernels)
-        torch._foreach_mul_(self.kernels, list((self.initial_norm / norm)[self.kernel_layer].unbind()))
+        new = w_flat * pl.expand(1 + c * sw / ww) - s * pl.expand(c)
+        new *= pl.expand(self.initial_norm / pl.total_of_flat(new * new).sqrt())
+        pl.unflat_into(new, self.kernels)
 
     def state_dict(self) -> dict:
         return {"initial_norm": self.initial_norm}

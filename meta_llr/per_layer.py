@@ -6,6 +6,12 @@ tensor by tensor costs one or two launches per tensor (≈170 for a ResNet-56), 
 host time the step waits for. Here a norm is one ``torch._foreach_norm`` plus a scatter-add into
 ``[L]``, and a sum (hence a dot product) is one concatenation, one float64 cumulative sum and a
 gather at the layers' boundaries, whatever the number of tensors; no host sync.
+
+Element-wise work over all tensors with per-layer coefficients is done on the flat vector
+(:meth:`PerLayer.flat`, :meth:`PerLayer.expand`) and written back with one
+``torch._foreach_copy_`` (:meth:`PerLayer.unflat_into`). Each tensor is flattened in the memory
+order of the tensors given at construction (channels_last kernels stay views), the same order
+for every list of the same shapes, so two flat vectors can be multiplied element by element.
 """
 from __future__ import annotations
 
@@ -34,6 +40,12 @@ class PerLayer:
             bounds.append(bounds[-1] + count)
         self.numel = bounds[-1]
         self.bounds = torch.tensor(bounds, dtype=torch.long, device=device)  # layer l: [bounds[l], bounds[l+1])
+        self.layer_numel = torch.tensor(counts, dtype=torch.long, device=device)
+        # memory order of each tensor: dims by decreasing stride (a permutation; identity if contiguous)
+        self.orders = [sorted(range(t.dim()), key=lambda d, t=t: (-t.stride(d), d)) for t in tensors]
+        self.inverses = [sorted(range(len(order)), key=order.__getitem__) for order in self.orders]
+        self.ordered_shapes = [[t.shape[d] for d in order] for t, order in zip(tensors, self.orders)]
+        self.sizes = [t.numel() for t in tensors]
 
     @classmethod
     def of_layers(cls, layers: Sequence, device: torch.device, keep=None) -> PerLayer:
@@ -61,7 +73,17 @@ class PerLayer:
 
     def flat(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """All elements in one vector, layer after layer (one copy)."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+        return torch.cat([t.permute(order).reshape(-1) for t, order in zip(tensors, self.orders)])
+
+    def unflat_into(self, flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy a vector laid out as :meth:`flat` lays it out back into ``tensors`` (one call)."""
+        views = [piece.view(shape).permute(inverse)
+                 for piece, shape, inverse in zip(flat.split(self.sizes), self.ordered_shapes, self.inverses)]
+        torch._foreach_copy_(list(tensors), views)
+
+    def expand(self, per_layer: torch.Tensor) -> torch.Tensor:
+        """A ``[L]`` vector repeated over each layer's elements, laid out as :meth:`flat` (no sync)."""
+        return per_layer.repeat_interleave(self.layer_numel, output_size=self.numel)
 
     def total_of_flat(self, flat: torch.Tensor) -> torch.Tensor:
         """Per-layer sums of a vector laid out as :meth:`flat` lays it out (float64 accumulation)."""

@@ -15,7 +15,8 @@ from meta_llr.errors import UserError
 from meta_llr.interface import available
 
 REQUIRED = {"model", "controller", "device", "batch", "step_ms_median", "step_ms_p10", "step_ms_p90",
-            "images_per_s", "ratio_to_bare", "extra_state_bytes", "param_bytes", "target", "meets_target"}
+            "images_per_s", "ratio_to_bare", "extra_state_bytes", "param_bytes", "target", "meets_target",
+            "verdict", "ratio_paired_ci95", "kernel_ops", "extra_kernel_ops"}
 TINY = ["--device", "cpu", "--models", "mlp", "--steps", "3", "--warmup", "1", "--batch", "8",
         "--synthetic-size", "64"]
 
@@ -127,3 +128,17 @@ def test_per_step_launches_grow_with_param_groups_only(tmp_path):
     for name, values in constant.items():
         assert len(values) == 2 and values[0] == values[1], (name, values)
     assert constant["uniform"][0] <= 8
+
+
+def test_median_ci_uses_the_binomial_order_statistics():
+    """The interval's ranks match scipy's binomial distribution and hold >= 95% coverage."""
+    from scipy import stats
+
+    for n in (6, 10, 24, 101):
+        values = list(range(n, 0, -1))  # any order: the CI is on the sorted values
+        low, high = bench.median_ci(values)
+        k = low                      # values are 1..n, so the k-th smallest is k
+        assert high == n + 1 - k
+        assert stats.binom.cdf(k - 1, n, 0.5) <= 0.025 < stats.binom.cdf(k, n, 0.5)
+        assert 1 - 2 * stats.binom.cdf(k - 1, n, 0.5) >= 0.95
+    assert bench.median_ci([1.0] * 5) is None  # n = 5: even (min, max) covers only 94%

@@ -40,3 +40,21 @@ def test_per_layer_refuses_tensors_out_of_layer_order_or_of_another_size():
     per_layer = PerLayer([torch.zeros(2)], [0], 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="expected 2 elements"):
         per_layer.total([torch.zeros(3)])
+
+
+def test_flat_round_trips_channels_last_kernels_and_expands_per_layer_values():
+    torch.manual_seed(1)
+    kernel = torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    tensors = [kernel, torch.randn(5), torch.randn(2, 3)]
+    per_layer = PerLayer(tensors, [0, 0, 1], 2, torch.device("cpu"))
+    flat = per_layer.flat(tensors)
+    assert flat.shape == (48 + 5 + 6,)
+    # the kernel is flattened in its memory order: its piece is a view of its storage order
+    assert torch.equal(flat[:48], kernel.permute(0, 2, 3, 1).reshape(-1))
+    targets = [torch.zeros_like(t) for t in tensors]
+    per_layer.unflat_into(flat * 2, targets)
+    assert all(torch.equal(t, 2 * s) for t, s in zip(targets, tensors))
+    assert targets[0].is_contiguous(memory_format=torch.channels_last)
+    expanded = per_layer.expand(torch.tensor([3.0, -1.0]))
+    assert torch.equal(expanded, torch.tensor([3.0] * 53 + [-1.0] * 6))
+    assert torch.allclose(per_layer.total_of_flat(flat * expanded), torch.tensor([3 * flat[:53].sum(), -flat[53:].sum()]))
