@@ -395,13 +395,26 @@ class _OpCounter(TorchDispatchMode):
 
 def count_ops(variant: Variant, batches) -> tuple[int, int]:
     """(kernel ops, view ops) of one ordinary training step (not an end-of-epoch probe step):
-    the device-independent measure of the per-step launch work, exact on any machine."""
+    the device-independent measure of the per-step launch work, exact on any machine. The
+    per-layer reductions (``PerLayer``) of the loop and the controller take their GPU form
+    meanwhile (``fused``: a fixed number of launches), the form whose launches matter."""
+    from meta_llr.per_layer import PerLayer
+
     run = variant.run if variant.bare is None else None
     if run is not None and (run.step + 1) % run.steps_per_epoch == 0:
         variant.step(*batches[0])
+    holders = [run, run.controller] if run is not None else []
+    reducers = [value for holder in holders for value in vars(holder).values() if isinstance(value, PerLayer)]
+    modes = [reducer.fused for reducer in reducers]
     counter = _OpCounter()
-    with counter:
-        variant.step(*batches[0])
+    try:
+        for reducer in reducers:
+            reducer.fused = True
+        with counter:
+            variant.step(*batches[0])
+    finally:
+        for reducer, mode in zip(reducers, modes):
+            reducer.fused = mode
     return counter.kernels, counter.views
 
 
