@@ -84,16 +84,16 @@ class Layca(Controller):
             if restore:
                 torch._foreach_copy_(restore, [b[k] for b, ks in zip(before, self.other_index) for k in ks])
         # On flat vectors (a fixed number of launches, whatever the number of kernels):
-        # s = w − after (the base step, negated); new w = coef_w·w − c·s, renormalised.
+        # s = w − after (the base step, negated); new w = (1 + c·sw/ww)·w − c·s, renormalised.
         pl = self.per_layer
         w_flat = pl.flat(w)
         s = w_flat - pl.flat(self.kernels)
-        ww, ss, sw = pl.total_of_flat(w_flat * w_flat), pl.total_of_flat(s * s), pl.total_of_flat(s * w_flat)
+        ww, ss, sw = pl.dot_of_flat(w_flat, w_flat), pl.dot_of_flat(s, s), pl.dot_of_flat(s, w_flat)
         s_perp = (ss - sw * sw / ww).clamp_min(0).sqrt()
         rho = self.plan.global_lr(step) * self.multipliers
         c = torch.where(s_perp > 0, rho * ww.sqrt() / s_perp, torch.zeros_like(s_perp))
-        new = w_flat * pl.expand(1 + c * sw / ww) - s * pl.expand(c)
-        new *= pl.expand(self.initial_norm / pl.total_of_flat(new * new).sqrt())
+        new = pl.scale_(w_flat, 1 + c * sw / ww).sub_(pl.scale_(s, c))
+        pl.scale_(new, self.initial_norm / pl.dot_of_flat(new, new).sqrt())
         pl.unflat_into(new, self.kernels)
 
     def state_dict(self) -> dict:

@@ -11,7 +11,7 @@ fastnet's 2M parameters, against 0.3 ms for per-tensor sums), sums are taken per
 layer slice instead (``fused=False``, the default off CUDA); both give the same values.
 
 Element-wise work over all tensors with per-layer coefficients is done on the flat vector
-(:meth:`PerLayer.flat`, :meth:`PerLayer.expand`) and written back with one
+(:meth:`PerLayer.flat`, :meth:`PerLayer.scale_`) and written back with one
 ``torch._foreach_copy_`` (:meth:`PerLayer.unflat_into`). Each tensor is flattened in the memory
 order of the tensors given at construction (channels_last kernels stay views), the same order
 for every list of the same shapes, so two flat vectors can be multiplied element by element.
@@ -86,11 +86,19 @@ class PerLayer:
                  for piece, shape, inverse in zip(flat.split(self.sizes), self.ordered_shapes, self.inverses)]
         torch._foreach_copy_(list(tensors), views)
 
-    def expand(self, per_layer: torch.Tensor) -> torch.Tensor:
-        """A ``[L]`` vector repeated over each layer's elements, laid out as :meth:`flat` (no sync)."""
+    def scale_(self, flat: torch.Tensor, per_layer: torch.Tensor) -> torch.Tensor:
+        """Multiply, in place, each layer's part of a flat vector by its entry of ``per_layer``."""
+        if self.fused:  # one [L] -> [numel] expansion (no sync with output_size) and one multiply
+            return flat.mul_(per_layer.repeat_interleave(self.layer_numel, output_size=self.numel))
+        for piece, value in zip(flat.split(self.layer_sizes), per_layer.unbind()):
+            piece.mul_(value)
+        return flat
+
+    def dot_of_flat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-layer dot products of two vectors laid out as :meth:`flat` lays them out."""
         if self.fused:
-            return per_layer.repeat_interleave(self.layer_numel, output_size=self.numel)
-        return torch.cat([v.expand(n) for v, n in zip(per_layer.unbind(), self.layer_sizes)])
+            return self.total_of_flat(a * b)
+        return torch.stack([torch.dot(x, y) for x, y in zip(a.split(self.layer_sizes), b.split(self.layer_sizes))])
 
     def total_of_flat(self, flat: torch.Tensor) -> torch.Tensor:
         """Per-layer sums of a vector laid out as :meth:`flat` lays it out."""

@@ -57,6 +57,8 @@ def test_flat_round_trips_channels_last_kernels_and_expands_per_layer_values(fus
     per_layer.unflat_into(flat * 2, targets)
     assert all(torch.equal(t, 2 * s) for t, s in zip(targets, tensors))
     assert targets[0].is_contiguous(memory_format=torch.channels_last)
-    expanded = per_layer.expand(torch.tensor([3.0, -1.0]))
-    assert torch.equal(expanded, torch.tensor([3.0] * 53 + [-1.0] * 6))
-    assert torch.allclose(per_layer.total_of_flat(flat * expanded), torch.tensor([3 * flat[:53].sum(), -flat[53:].sum()]))
+    scaled = per_layer.scale_(flat.clone(), torch.tensor([3.0, -1.0]))
+    assert torch.equal(scaled, torch.cat([3 * flat[:53], -flat[53:]]))
+    assert torch.allclose(per_layer.total_of_flat(scaled), torch.tensor([3 * flat[:53].sum(), -flat[53:].sum()]))
+    assert torch.allclose(per_layer.dot_of_flat(flat, scaled), torch.stack([3 * flat[:53].square().sum(),
+                                                                            -flat[53:].square().sum()]))
