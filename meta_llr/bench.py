@@ -17,15 +17,17 @@ batches already on the device, the same optimizer hyper-parameters:
   each ``Run`` built from the real Hydra config (``controller=NAME`` with its YAML defaults).
 
 Timing: variants are interleaved (round-robin blocks of ``--block`` steps, the starting
-variant rotating each round) so that drifting machine load hits all of them alike; the first
+variant rotating each round, and a block of ``bare`` right before every variant's block) so
+that drifting machine load hits all of them alike; the first
 ``--warmup`` steps of each variant are discarded; the Python garbage collector is paused
 inside timed blocks (and run between them) for every variant alike. CPU steps are timed with
 ``time.perf_counter``; CUDA steps with ``torch.cuda.Event`` pairs recorded around each step and
 one synchronisation after each block (none inside it). Reported: the median and p10/p90 of
 the per-step times, images/s from the median, ``ratio_to_bare`` (median / bare's median) and
-``ratio_paired`` (median over rounds of the variant's block time / bare's block time in the
-same round, more robust to load drift) with ``ratio_paired_ci95``, the distribution-free 95%
-confidence interval of that median (binomial order statistics; needs >= 6 rounds). The target
+``ratio_paired`` (median over rounds of the variant's block time / the time of the bare
+block just before it, robust to drifts of the machine's speed) with ``ratio_paired_ci95``,
+the distribution-free 95% confidence interval of that median (binomial order statistics;
+needs >= 6 rounds). The target
 applies to ``ratio_to_bare``; ``verdict`` is ``met`` when it is within the target, ``missed``
 when it is over and the whole interval lies above the target, ``within noise`` when it is over
 but the interval includes the target (the machine's noise exceeds the difference: more
@@ -256,6 +258,7 @@ class Variant:
     target: float | None = None
     times_ms: list = dataclasses.field(default_factory=list)
     block_ms: list = dataclasses.field(default_factory=list)   # per round, for the paired ratio
+    reference_ms: list = dataclasses.field(default_factory=list)  # bare's block just before each of them
     transient_peak: int = 0
     ops: tuple = (0, 0)           # (kernel ops, view ops) of one step, from count_ops
     run: object = None
@@ -362,13 +365,21 @@ def measure(model_name: str, controllers: list[str], args, registry, workdir: Pa
         time_block(variant, batches, 0, args.warmup, device)
     rounds = math.ceil(args.steps / args.block)
     round_started = time.perf_counter()
+    bare, others = variants[0], variants[1:]
     for r in range(rounds):
-        count = min(args.block, args.steps - r * args.block)
-        for k in range(len(variants)):
-            variant = variants[(k + r) % len(variants)]
-            times = time_block(variant, batches, args.warmup + r * args.block, count, device, CLOCKS[args.clock])
+        count, start, clock = min(args.block, args.steps - r * args.block), args.warmup + r * args.block, CLOCKS[args.clock]
+        for k in range(len(others)):
+            variant = others[(k + r) % len(others)]
+            # a bare block right before each variant's block: the paired ratio compares
+            # neighbours in time, so slow drifts of the machine's speed cancel
+            reference = time_block(bare, batches, start, count, device, clock)
+            bare.times_ms.extend(reference)
+            bare.block_ms.append(sum(reference))
+            bare.reference_ms.append(sum(reference))
+            times = time_block(variant, batches, start, count, device, clock)
             variant.times_ms.extend(times)
             variant.block_ms.append(sum(times))
+            variant.reference_ms.append(sum(reference))
         elapsed = time.perf_counter() - round_started
         print(f"[{model_name}] round {r + 1}/{rounds} done, {elapsed:.0f} s, "
               f"about {elapsed / (r + 1) * (rounds - r - 1):.0f} s left", flush=True)
@@ -429,7 +440,7 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
         bare_ops = kernel_ops if bare_ops is None else bare_ops
         median = percentile(variant.times_ms, 50)
         ratio = median / bare_median
-        pairs = [a / b for a, b in zip(variant.block_ms, bare.block_ms)]
+        pairs = [a / b for a, b in zip(variant.block_ms, variant.reference_ms)]
         paired, ci = percentile(pairs, 50), median_ci(pairs)
         if variant.target is None:
             verdict = None
