@@ -78,8 +78,7 @@ class AdamProbe(Controller):
             self.bounds.append(self.bounds[-1] + len(layer.params))
         self.m = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.v = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.layer_numel = torch.tensor([float(sum(p.numel() for p in layer.params)) for layer in layers],
-                                        device=device)
+        self.layer_numel = self.per_layer.layer_numel.float()
         self.t = 0
         self.smoothed = torch.ones(self.num_layers, device=device)
         self.ones = torch.ones(self.num_layers, device=device)

@@ -115,7 +115,3 @@ class PerLayer:
         if not self.fused:
             return self.combine([t.sum() for t in tensors])
         return self.total_of_flat(self.flat(tensors))
-
-    def dot(self, a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``Σ_k a_k·b_k`` over each layer's tensors."""
-        return self.total(torch._foreach_mul(list(a), list(b)))

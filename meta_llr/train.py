@@ -34,8 +34,8 @@ from meta_llr.interface import STATS, Plan, build_controller
 from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import make_logger
 from meta_llr.models import build_model
-from meta_llr.per_layer import PerLayer
 from meta_llr.optim import FusedStep, layer_optimizer, link_group_lrs
+from meta_llr.per_layer import PerLayer
 from meta_llr.policies import lr_factors
 from meta_llr.records import CONFIG, ENV, SUMMARY, RunRecords, environment, rows_csv, save_atomic
 
@@ -144,8 +144,8 @@ class Run:
 
         # Per-step statistics machinery: a flat list of params with their layer index, and one
         # buffer holding the weights before the step (later the negated update) when needed.
-        self.params = [p for layer in self.layers for p in layer.params]
         self.per_layer = PerLayer.of_layers(self.layers, device)
+        self.params = self.per_layer.tensors
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         self.param_names = [name_of[id(p)] for p in self.params]  # for functional calls (loss_at)
         needs_buffer = self.transforms or bool(self.needs & {"update_norm", "grad_dot_prev_update"})

@@ -21,7 +21,7 @@ def test_per_layer_norms_sums_and_dots_match_direct_computation(fused):
         return out
 
     assert torch.allclose(per_layer.total(a).double(), direct(lambda t, u: t.sum()), atol=1e-5)
-    assert torch.allclose(per_layer.dot(a, b).double(), direct(lambda t, u: (t * u).sum()), atol=1e-5)
+    assert torch.allclose(per_layer.dot_of_flat(per_layer.flat(a), per_layer.flat(b)).double(), direct(lambda t, u: (t * u).sum()), atol=1e-5)
     assert torch.allclose(per_layer.sum_sq(a).double(), direct(lambda t, u: (t * t).sum()), atol=1e-4)
     assert torch.allclose(per_layer.norm(a).double(), direct(lambda t, u: (t * t).sum()).sqrt(), atol=1e-5)
     assert torch.allclose(per_layer.norm(a, 1).double(), direct(lambda t, u: t.abs().sum()), atol=1e-4)
