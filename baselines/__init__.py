@@ -1,1 +1,1 @@
-"""Hand-crafted layer-level LR schedules; each module registers one controller."""
+"""Hand-crafted per-layer LR curves; each module registers one controller."""

@@ -1,4 +1,4 @@
-"""Shared base of the hand-crafted schedules: ``scale_l(t) = curve(progress(t), depth_l)``.
+"""Shared base of the hand-crafted curves: ``scale_l(t) = curve(progress(t), depth_l)``.
 
 A subclass writes one vectorised numpy function
 
@@ -66,7 +66,7 @@ def check_list(option: str, values) -> None:
 
 
 class ClosedForm(Controller):
-    """A schedule that is a pure function of (progress, depth); see the module docstring."""
+    """A per-layer curve that is a pure function of (progress, depth); see the module docstring."""
 
     per_layer_options: tuple[str, ...] = ()
 
@@ -92,7 +92,7 @@ class ClosedForm(Controller):
         assert table.shape == (total, self.num_layers), f"{name}.curve returned shape {table.shape}"
         table32 = table.astype(np.float32)
         if not (np.isfinite(table32).all() and (table32 >= 0).all()):
-            raise UserError(f"controller={name}: the schedule gives negative or non-finite scales; "
+            raise UserError(f"controller={name}: the curve gives negative or non-finite scales; "
                             "check its options")
         dead = np.flatnonzero(~(table32 > 0).any(axis=1))
         if len(dead):
@@ -102,7 +102,7 @@ class ClosedForm(Controller):
         self.window_start, self.window = 0, self._window(0)
 
     def _window(self, start: int) -> torch.Tensor:
-        """Rows ``start .. start + steps_per_epoch`` of the schedule, as a device tensor."""
+        """Rows ``start .. start + steps_per_epoch`` of the curve, as a device tensor."""
         total = self.plan.total_steps
         steps = np.arange(start, min(start + self.steps_per_epoch, total))
         rows = torch.from_numpy(np.asarray(self.curve(steps / total, self.depth), dtype=np.float32))

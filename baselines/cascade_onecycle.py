@@ -2,7 +2,7 @@
 
 The discussion's decoupled proposal ("Cyclical Layer Learning Rates", fast.ai forum): the
 global LR stays constant (``schedule=constant``) and each layer group gets its own
-one-cycle policy (Smith, arXiv 1708.07120 and 1803.09820), with earlier groups peaking
+one-cycle curve (Smith's 1cycle, arXiv 1708.07120 and 1803.09820), with earlier groups peaking
 earlier ("5 groups over 50 epochs: group 1 peaks at epoch 10, group 2 at 15, ...") and
 all groups ending at the same low value:
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from baselines._closed_form import ClosedForm, check_list, check_nonnegative, spread
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("cascade_onecycle")

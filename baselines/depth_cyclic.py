@@ -15,7 +15,7 @@ Each cycle starts at ``low``, peaks at ``high`` half way, and every layer is bac
 import numpy as np
 
 from baselines._closed_form import ClosedForm, check_nonnegative
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("depth_cyclic")

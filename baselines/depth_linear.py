@@ -10,7 +10,7 @@ hypothesis.
 import numpy as np
 
 from baselines._closed_form import ClosedForm, check_nonnegative
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("depth_linear")

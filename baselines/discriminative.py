@@ -9,7 +9,7 @@ division is per group, as in fastai's layer groups.
 import numpy as np
 
 from baselines._closed_form import ClosedForm
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 def layers_from_last(depth: np.ndarray) -> np.ndarray:

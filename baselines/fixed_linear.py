@@ -16,7 +16,7 @@ reversed 0.5 -> 1.5, window the whole run. The discussion's 3-layer, 100-epoch e
 import numpy as np
 
 from baselines._closed_form import ClosedForm, check_list, check_nonnegative, check_progress, spread
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("fixed_linear")

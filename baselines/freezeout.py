@@ -11,7 +11,7 @@ then is frozen (no gradient computed, which is where the speed-up comes from):
 with p the fraction of training done and d_l the layer's depth: the first layer freezes
 at ``t0``, the last trains to the end. The paper's best setting (its t0 = 0.8, cubic,
 scaled) is ``t0=0.512 spacing=cubic scale_lr=true`` here, since ``t0`` here is the first
-layer's own t_l. The paper schedules with per-layer cosines alone: use ``schedule=constant``
+layer's own t_l. The paper uses the per-layer cosines alone: use ``schedule=constant``
 for the paper's setting. Unlike the paper, a frozen layer's BatchNorm stays in train mode
 (its output is the same; its running statistics keep tracking the moving input).
 """
@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from baselines._closed_form import ClosedForm
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("freezeout")

@@ -11,7 +11,7 @@ import numpy as np
 
 from baselines._closed_form import ClosedForm
 from baselines.discriminative import layers_from_last
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("llrd")

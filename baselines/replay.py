@@ -1,82 +1,54 @@
-"""``replay``: a fixed LLR schedule read from a file, e.g. one exported from another run.
+"""``replay``: a fixed per-layer curve read from a file, e.g. one exported from another run.
 
     scale_l(p) = piecewise-linear interpolation of layer l's knots at p = step / total_steps
 
 (constant before the first and after the last knot). Files come from
-``python -m meta_llr.export RUN_DIR`` (schema in ``meta_llr/export.py``): an adaptive
-controller's trace, replayed as a fixed curve, separates the gain of its *schedule* from the
-gain of its *reaction* to the run. The global LR policy is the replaying run's own.
+``python -m meta_llr.export RUN_DIR`` (``curve.json``; the format is :mod:`meta_llr.curves`): an
+adaptive controller's trace, replayed as a fixed curve, separates the gain of its *curve* from
+the gain of its *reaction* to the run. The global LR schedule is the replaying run's own.
 
-``match=name`` (default): the schedule's layer names must be the model's, in order.
+``match=name`` (default): the curve's layer names must be the model's, in order.
 ``match=depth``: layer ``l`` of the model, at relative depth ``d_l = l / (L - 1)``, takes the
-schedule interpolated linearly in depth between the two schedule layers around ``d_l``; so
-a schedule learned on ResNet-20 replays on ResNet-56.
+curve interpolated linearly in depth between the two curve layers around ``d_l``; so a curve
+learned on ResNet-20 replays on ResNet-56 (:func:`meta_llr.curves.match_layers`).
 
-Like the other closed-form baselines, the whole ``[steps, layers]`` table is computed once at
-setup; a step only reads a row. A scale of exactly 0 freezes the layer (``trainable``).
+Like the other closed-form baselines, the curve is evaluated for every step at setup (to check
+it and plan freezing) and then one epoch at a time. A scale of exactly 0 freezes the layer
+(``trainable``).
 """
-import json
-
-import numpy as np
-
 from baselines._closed_form import ClosedForm
+from meta_llr.curves import MATCHES, layer_scales, load_curve, match_layers, new_curve, write_curve
 from meta_llr.errors import UserError
-from meta_llr.interface import register
-
-MATCHES = ("name", "depth")
+from meta_llr.registry import register
 
 
 @register("replay")
 class Replay(ClosedForm):
-    """Replays ``schedule`` (a meta_llr.export JSON file), matching layers by ``match``."""
+    """Replays ``curve`` (a curve file, e.g. from meta_llr.export), matching layers by ``match``."""
 
-    def __init__(self, schedule: str | None = None, match: str = "name"):
-        from meta_llr.export import load_schedule
-
-        if not schedule:
-            raise UserError("controller=replay needs a schedule file: controller.schedule=PATH "
+    def __init__(self, curve: str | None = None, match: str = "name"):
+        if not curve:
+            raise UserError("controller=replay needs a curve file: controller.curve=PATH "
                             "(write one with python -m meta_llr.export RUN_DIR)")
         if match not in MATCHES:
             raise UserError(f"controller.match must be name or depth, got {match!r}")
-        self.schedule_path, self.match = schedule, match
-        self.schedule = load_schedule(schedule)
-        self.source = self.schedule["layers"]
+        self.curve_path, self.match = curve, match
+        self.curve_file = load_curve(curve)
+        self.depth_weights = None  # [S, L] with match=depth, set in setup
 
     def setup(self, layers, plan) -> None:
-        names = [layer.name for layer in layers]
-        source_names = [layer["name"] for layer in self.source]
-        if self.match == "name" and source_names != names:
-            if len(source_names) != len(names):
-                problem = f"has {len(source_names)} layers but the model has {len(names)}"
-            else:
-                first = next(i for i, (a, b) in enumerate(zip(source_names, names)) if a != b)
-                problem = f"names layer {first} '{source_names[first]}' but the model calls it '{names[first]}'"
-            raise UserError(f"schedule {self.schedule_path} {problem}; use the model it was exported from "
-                            "or set controller.match=depth to map layers by relative depth")
+        self.depth_weights = match_layers(self.curve_file, [layer.name for layer in layers],
+                                    [layer.depth for layer in layers], self.match, self.curve_path)
         super().setup(layers, plan)
 
     def curve(self, progress, depth):
-        per_source = np.stack([np.interp(progress, layer["knots"], layer["values"])
-                               for layer in self.source], axis=1)  # [T, S]
-        if self.match == "name":
-            return per_source
-        count = len(self.source)
-        source_depth = np.array([layer.get("depth", i / max(count - 1, 1)) for i, layer in enumerate(self.source)])
-        if count == 1:
-            return np.repeat(per_source, len(depth), axis=1)
-        # weights[s, l]: linear interpolation in depth (a hat function around each source layer)
-        weights = np.stack([np.interp(depth, source_depth, np.eye(count)[s]) for s in range(count)])
-        return per_source @ weights
+        return layer_scales(self.curve_file, progress, self.depth_weights)
 
     @classmethod
     def example_options(cls, tmp_dir) -> dict:
-        """A two-layer schedule (first layer 1.5 -> 0.5, last 0.5 -> 1.5) mapped by depth."""
-        from meta_llr.export import FORMAT
-
-        path = f"{tmp_dir}/example_schedule.json"
+        """A two-layer curve (first layer 1.5 -> 0.5, last 0.5 -> 1.5) mapped by depth."""
+        path = f"{tmp_dir}/example_curve.json"
         layers = [{"name": "first", "index": 0, "depth": 0.0, "knots": [0.0, 1.0], "values": [1.5, 0.5]},
                   {"name": "last", "index": 1, "depth": 1.0, "knots": [0.0, 1.0], "values": [0.5, 1.5]}]
-        with open(path, "w") as handle:
-            json.dump({"format": FORMAT, "controller": "example", "tolerance": 0.0, "x": "progress",
-                       "layers": layers}, handle)
-        return {"schedule": path, "match": "depth"}
+        write_curve(path, new_curve(layers, controller="example", tolerance=0.0))
+        return {"curve": path, "match": "depth"}

@@ -15,7 +15,7 @@ takes 1 value, 2 (first and last layer, linear in depth) or one per layer/group.
 """
 
 from baselines._closed_form import ClosedForm, check_list, check_nonnegative, spread
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("soft_freeze")

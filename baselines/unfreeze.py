@@ -12,7 +12,7 @@ unfreeze by group.
 import numpy as np
 
 from baselines._closed_form import ClosedForm
-from meta_llr.interface import register
+from meta_llr.registry import register
 
 
 @register("unfreeze")

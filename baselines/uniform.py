@@ -1,7 +1,8 @@
 """``uniform``: every layer at the global LR, ``scale_l(t) = 1`` (common practice)."""
 import torch
 
-from meta_llr.interface import Controller, register
+from meta_llr.interface import Controller
+from meta_llr.registry import register
 
 
 @register("uniform")

@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from meta_llr.interface import Controller, Layer, Plan, register
+from meta_llr.interface import Controller, Layer, Plan
+from meta_llr.registry import register
 from meta_llr.per_layer import PerLayer
 
 

@@ -10,7 +10,7 @@ the step (all of the layer's >=2-D tensors as one vector) and ``s = w − w_afte
     w  ← w · ‖w(0)‖ / ‖w‖                   renormalise to the initial norm
 
 so each step rotates the layer's kernels by exactly ``atan(ρ_l(t))`` and keeps their norm.
-``ρ_l(t) = global_lr(t) · m_l``: ρ0 is ``trainer.lr`` and the global policy the schedule; the
+``ρ_l(t) = global_lr(t) · m_l``: ρ0 is ``trainer.lr`` and its course the global LR schedule; the
 layer multipliers are the paper's, with L layers and l = 0..L−1 in forward order:
 
     alpha > 0:  m_l = m^(L−1−l),  m = (1 − alpha)^(5/(L−1))   (first layers rotate less)
@@ -30,7 +30,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from meta_llr.interface import Controller, Layer, Plan, register
+from meta_llr.interface import Controller, Layer, Plan
+from meta_llr.registry import register
 from meta_llr.per_layer import PerLayer
 
 
@@ -46,7 +47,6 @@ def layca_multipliers(num_layers: int, alpha: float) -> torch.Tensor:
 
 @register("layca")
 class Layca(Controller):
-    transforms_update = True
     scale_1d = False  # 1-D parameters, if trained (other_params=sgd), use the global LR
 
     def __init__(self, alpha: float = 0.0, other_params: str = "none", min_scale: float = 1e-3,

@@ -8,7 +8,7 @@ across layers, reads one feature vector per layer and writes that layer's log-sc
     h_l(t)  = GRU([x_l(t), mean_k h_k(t−1)], h_l(t−1))      (the mean: the optional mixing step)
     log s_l = log b_l + c + r·tanh(w·h_l(t) + a)             c ± r = log max_scale, log min_scale
 
-``b_l`` is the baseline (1, a constant per layer, or a replayed schedule: a
+``b_l`` is the baseline (1, a constant per layer, or a replayed curve: a
 ``meta_llr.export`` JSON or a run's ``llr.csv``). The
 output bias ``a`` starts where ``s_l = b_l``. Scale-dependent features (the logs and the
 loss change) are standardised by running means and variances over layers and time, as
@@ -34,7 +34,7 @@ How the learner learns (``learn=``):
   meta-training (``python -m meta_llr.metatrain``) are the remedies.
 * ``unrolled``: the signal is ``∂L_val(θ_k)/∂log s`` after a ``unroll``-step SGD lookahead
   from the current weights on training batches, ``L_val`` on a held-out batch, computed with
-  ``torch.func`` every ``meta_every`` steps (:func:`meta_llr.metatrain.unrolled_hypergradient`;
+  ``torch.func`` every ``meta_every`` steps (:func:`meta_llr.lookahead.unrolled_hypergradient`;
   cost per step ≈ (3·unroll + 1)/meta_every training steps). The loop hands over its model,
   loss and a batch sampler through the plan (``Plan.sample_batches``; the held-out batch comes
   from the validation split, so it needs ``data.val_size=N``); ``attach_lookahead(...)`` sets
@@ -58,7 +58,8 @@ import torch
 from torch import nn
 
 from meta_llr.errors import UserError
-from meta_llr.interface import Controller, register
+from meta_llr.interface import Controller, Lookahead
+from meta_llr.registry import register
 from meta_llr.per_layer import PerLayer
 
 NUM_FEATURES = 8
@@ -105,7 +106,7 @@ class RNNMeta(Controller):
                  mix: bool = True, min_scale: float = 0.1, max_scale: float = 10.0,
                  every: int = 1, horizon: int = 4, meta_lr: float = 0.01,
                  unroll: int = 3, meta_every: int = 10, feature_decay: float = 0.99,
-                 baseline: list[float] | None = None, baseline_schedule: str | None = None,
+                 baseline: list[float] | None = None, baseline_curve: str | None = None,
                  seed: int = 0):
         if learn not in ("online", "unrolled", "off"):
             raise ValueError(f"learn must be online, unrolled or off, got {learn!r}")
@@ -119,12 +120,17 @@ class RNNMeta(Controller):
             raise ValueError("meta_lr must be >= 0 and feature_decay in (0, 1)")
         if baseline is not None and any(b <= 0 for b in baseline):
             raise ValueError(f"baseline scales must be > 0, got {baseline}")
-        if baseline is not None and baseline_schedule is not None:
-            raise ValueError("give baseline or baseline_schedule, not both")
+        if baseline is not None and baseline_curve is not None:
+            raise ValueError("give baseline or baseline_curve, not both")
+        if baseline_curve is not None and not Path(baseline_curve).is_file():
+            raise ValueError(f"baseline_curve={baseline_curve} does not exist; pass a run's llr.csv "
+                             "or a curve.json from python -m meta_llr.export")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.learn, self.weights_path, self.hidden, self.mix = learn, weights, hidden, mix
         self.every, self.horizon, self.meta_lr = every, horizon, meta_lr
         self.unroll, self.meta_every, self.decay = unroll, meta_every, feature_decay
-        self.baseline, self.baseline_schedule = baseline, baseline_schedule
+        self.baseline, self.baseline_curve = baseline, baseline_curve
         self.learner = Learner(hidden, mix, seed, min_scale, max_scale)
         if weights is not None:
             self.load_weights(weights)
@@ -174,8 +180,8 @@ class RNNMeta(Controller):
     def setup(self, layers, plan):
         super().setup(layers, plan)
         device, L, H = plan.device, self.num_layers, self.hidden
-        if self.learn == "unrolled" and self.lookahead is None and plan.sample_batches is not None:
-            self.attach_lookahead(plan.model, plan.loss_fn, lambda: plan.sample_batches(self.unroll))
+        if self.learn == "unrolled" and self.lookahead is None and plan.lookahead is not None:
+            self.attach_lookahead(plan.lookahead)
         self.learner.to(device)
         self.params = list(self.learner.parameters())
         self.log_base = self._baseline_table(device)        # [rows, L]
@@ -208,8 +214,8 @@ class RNNMeta(Controller):
 
     def _baseline_table(self, device) -> torch.Tensor:
         L = self.num_layers
-        if self.baseline_schedule is not None:
-            return self._read_schedule(Path(self.baseline_schedule), device)
+        if self.baseline_curve is not None:
+            return self._read_curve(Path(self.baseline_curve), device)
         base = [1.0] * L if self.baseline is None else list(self.baseline)
         if len(base) == 1:
             base = base * L
@@ -218,26 +224,26 @@ class RNNMeta(Controller):
                             f"give {L} values or one")
         return torch.tensor(base, dtype=torch.float32, device=device).log().unsqueeze(0)
 
-    def _read_schedule(self, path: Path, device) -> torch.Tensor:
-        """A schedule resampled to ``[steps, L]`` log-scales: a ``meta_llr.export`` JSON
+    def _read_curve(self, path: Path, device) -> torch.Tensor:
+        """A curve resampled to ``[steps, L]`` log-scales: a ``meta_llr.export`` JSON
         (piecewise linear in progress) or a run's ``llr.csv`` (piecewise constant, like the trace)."""
         if path.suffix == ".json":
-            from meta_llr.export import load_schedule
-            layers = load_schedule(path)["layers"]
+            from meta_llr.curves import load_curve
+            layers = load_curve(path)["layers"]
             if len(layers) != self.num_layers:
-                raise UserError(f"controller.baseline_schedule={path} has {len(layers)} layers, the model "
+                raise UserError(f"controller.baseline_curve={path} has {len(layers)} layers, the model "
                                 f"{self.num_layers}; export a run of the same model")
             steps = np.arange(self.plan.total_steps) / self.plan.total_steps
             table = np.stack([np.interp(steps, layer["knots"], layer["values"]) for layer in layers], axis=1)
             return torch.tensor(table, dtype=torch.float64).clamp_min(1e-8).log().float().to(device)
         if not path.is_file():
-            raise UserError(f"controller.baseline_schedule={path} does not exist; pass a run's llr.csv "
-                            "or a schedule from python -m meta_llr.export")
+            raise UserError(f"controller.baseline_curve={path} does not exist; pass a run's llr.csv "
+                            "or a curve.json from python -m meta_llr.export")
         with path.open() as f:
             rows = list(csv.reader(f))
         header, body = rows[0], rows[1:]
         if "progress" not in header or len(header) - 3 != self.num_layers or not body:
-            raise UserError(f"controller.baseline_schedule={path} needs columns step,progress,global_lr and "
+            raise UserError(f"controller.baseline_curve={path} needs columns step,progress,global_lr and "
                             f"{self.num_layers} layer columns")
         table = torch.tensor([[float(v) for v in row] for row in body], dtype=torch.float64)
         progress, scales = table[:, 1].contiguous(), table[:, 3:].clamp_min(1e-8)
@@ -260,7 +266,7 @@ class RNNMeta(Controller):
         every, k = self.every, self.horizon
         if self.learn == "unrolled" and self.lookahead is None:
             raise UserError("controller.learn=unrolled needs held-out batches: run it in the training "
-                            "loop (with data.val_size=N) or call controller.attach_lookahead(...)")
+                            "loop (with data.val_size=N) or call controller.attach_lookahead(Lookahead(...))")
         # 1) the signal for the output used at step-1 (online: ∂L(t)/∂log s(t−1)).
         if step >= 1 and self.learn == "online":
             slot = ((step - 1) // every) % (2 * k)
@@ -339,6 +345,14 @@ class RNNMeta(Controller):
 
     @torch.no_grad()
     def _adam(self, grads, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        """One Adam step (Kingma & Ba 2015) on the learner's weights, op for op the non-capturable
+        path of ``torch.optim.Adam(foreach=True)`` (``torch/optim/adam.py``, ``_multi_tensor_adam``;
+        it takes ``bc ** 0.5`` where this takes ``math.sqrt(bc)``; on the reference run both give
+        the same bits). Not torch's class itself: that path reads
+        every parameter's step-count tensor with ``.item()`` (``_get_value``), twice per step, which
+        the controller contract forbids inside a step (and which syncs on CUDA once a resumed
+        checkpoint has put the counts there); ``capturable=True`` avoids it but does not run on
+        CPU, and ``fused=True`` changes the bits. Here the count is the Python int ``meta_steps``."""
         t = self.meta_steps
         torch._foreach_lerp_(self.adam_m, grads, 1 - beta1)
         torch._foreach_mul_(self.adam_v, beta2)
@@ -349,18 +363,16 @@ class RNNMeta(Controller):
         torch._foreach_addcdiv_(self.params, self.adam_m, denom, -self.meta_lr / (1 - beta1 ** t))
 
     # ------------------------------------------------------------------ unrolled
-    def attach_lookahead(self, model: nn.Module, loss_fn, sample_batches) -> None:
-        """Enable ``learn=unrolled``: ``sample_batches()`` returns (train batches, held-out batch).
-
-        ``model`` is the trained module (its parameters are the layers' parameters); ``loss_fn``
-        maps (outputs, targets) to a scalar. Each call uses ``unroll`` train batches.
-        """
-        self.lookahead = (model, loss_fn, sample_batches)
+    def attach_lookahead(self, lookahead: Lookahead) -> None:
+        """Enable ``learn=unrolled`` outside the loop: ``lookahead.sample_batches(k)`` returns
+        (k train batches, a held-out batch); ``lookahead.model`` is the trained module (its
+        parameters are the layers' parameters). Each signal uses ``unroll`` train batches."""
+        self.lookahead = lookahead
 
     def _unrolled_signal(self, step: int) -> torch.Tensor:
-        from meta_llr.metatrain import unrolled_hypergradient
-        model, loss_fn, sample = self.lookahead
-        train_batches, held_out = sample()
+        from meta_llr.lookahead import unrolled_hypergradient
+        model, loss_fn = self.lookahead.model, self.lookahead.loss_fn
+        train_batches, held_out = self.lookahead.sample_batches(self.unroll)
         layer_of = {id(p): layer.index for layer in self.layers for p in layer.params}
         log_scales = self.current.log()
         lr = self.plan.global_lr(step)

@@ -26,8 +26,9 @@ one synchronisation after each block (none inside it). Reported: the median and 
 the per-step times, images/s from the median, ``ratio_to_bare`` (median / bare's median) and
 ``ratio_paired`` (median over rounds of the variant's block time / the time of the bare
 block just before it, robust to drifts of the machine's speed) with ``ratio_paired_ci95``,
-the distribution-free 95% confidence interval of that median (binomial order statistics;
-needs >= 6 rounds). The target
+the distribution-free 95% confidence interval of that median (binomial order statistics,
+``meta_llr.stats.median_ci``; needs >= 6 rounds). Percentiles: ``numpy.percentile`` (linear
+interpolation). The target
 applies to ``ratio_to_bare``; ``verdict`` is ``met`` when it is within the target, ``missed``
 when it is over and the whole interval lies above the target, ``within noise`` when it is over
 but the interval includes the target (the machine's noise exceeds the difference: more
@@ -70,15 +71,16 @@ import platform
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from meta_llr.errors import UserError
+from meta_llr.stats import median_ci
 
 RATIO_BASELINE, RATIO_ADAPTIVE = 1.03, 1.10
 RATIO_BY_NAME = {"uniform": 1.03, "hessian_secant": 1.10, "adam_probe": 1.10, "layca": 1.10, "lars": 1.10,
@@ -104,17 +106,16 @@ def ratio_target(name: str, cls) -> float:
 
 # ----------------------------------------------------------------------------- config
 def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from meta_llr.config import compose
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def model_overrides(name: str) -> list[str]:
-    """``fastnet``, ``resnet`` (20), ``resnetN`` (ResNet-N, e.g. ``resnet56``) or any model YAML."""
-    yamls = {p.name[:-5] for p in files("meta_llr.conf").joinpath("model").iterdir() if p.name.endswith(".yaml")}
+    """``fastnet``, ``resnet`` (20), ``resnetN`` (ResNet-N, e.g. ``resnet56``) or any registered model."""
+    from meta_llr.config import group_options
+
+    yamls = set(group_options("model"))
     if name in yamls:
         return [f"model={name}"]
     if name.startswith("resnet") and name[6:].isdigit():
@@ -131,37 +132,19 @@ def data_overrides(data: str, synthetic_size: int = SYNTHETIC_TRAIN_SIZE) -> lis
 
 
 def controller_overrides(name: str, cls, workdir: Path) -> list[str]:
-    """The bench's setting for ``name`` (where its YAML has the key), plus the options a
+    """The bench's setting for ``name`` (where the controller has the option), plus the options a
     controller needs to run at all (``Controller.example_options``, e.g. a file to read)."""
-    yaml = files("meta_llr.conf").joinpath("controller", f"{name}.yaml").read_text()
-    keys = {line.split(":", 1)[0].strip() for line in yaml.splitlines() if ":" in line and not line.startswith(" ")}
+    import dataclasses
+
+    from meta_llr.registry import CONTROLLER_CONFIGS
+
+    keys = {f.name for f in dataclasses.fields(CONTROLLER_CONFIGS[name])}
     options = {k: v for k, v in BENCH_OVERRIDES.get(name, {}).items() if k in keys}
     example = getattr(cls, "example_options", None)
     if example is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         options.update(example(workdir))
     return [f"controller.{k}={v}" for k, v in options.items()]
-
-
-@contextmanager
-def shared_data():
-    """Load each dataset once for all the Runs of the bench (``Run`` calls ``load_data``)."""
-    import meta_llr.train as train_module
-    from omegaconf import OmegaConf
-
-    original, cache = train_module.load_data, {}
-
-    def load(cfg):
-        key = OmegaConf.to_yaml(cfg)
-        if key not in cache:
-            cache[key] = original(cfg)
-        return cache[key]
-
-    train_module.load_data = load
-    try:
-        yield
-    finally:
-        train_module.load_data = original
 
 
 # ----------------------------------------------------------------------------- the yardstick
@@ -298,51 +281,31 @@ def time_block(variant: Variant, batches, start: int, count: int, device: torch.
     return times
 
 
-def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
-    """Distribution-free CI of the median: order statistics ``x_(k)``, ``x_(n+1-k)`` with the
-    largest k such that P(Binomial(n, 1/2) <= k-1) <= (1 - confidence)/2; None if n is too small."""
-    n = len(values)
-    tail, cumulative, k = (1 - confidence) / 2, 0.0, 0
-    while True:
-        cumulative += math.comb(n, k) / 2 ** n      # P(X = k), summed: P(X <= k)
-        if cumulative > tail:
-            break
-        k += 1
-    if k == 0:
-        return None
-    ordered = sorted(values)
-    return ordered[k - 1], ordered[n - k]
-
-
-def percentile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    position = (len(values) - 1) * q / 100
-    low, high = math.floor(position), math.ceil(position)
-    return values[low] + (values[high] - values[low]) * (position - low)
-
-
 # ----------------------------------------------------------------------------- building
 def build_variants(model_name: str, controllers: list[str], args, registry, workdir: Path):
-    from meta_llr.train import Run
+    from meta_llr.data import Split, load_data
+    from meta_llr.run import build_run
 
     base = [*data_overrides(args.data, args.synthetic_size), *model_overrides(model_name),
             f"device={args.device}", "quiet=true",
             f"trainer.batch_size={args.batch}", "trainer.checkpoint=false", "logger=[csv]"]
     # The plan of a real run (per-step tables are sized by it), long enough for every step the bench takes.
-    import meta_llr.train as train_module
     first = compose_config([*base, "controller=uniform"])
-    steps_per_epoch = math.ceil(len(train_module.load_data(first.data).train) / args.batch)
+    data = load_data(first.data)  # loaded once, on the device once: every variant trains on these tensors
+    device = torch.device(args.device)
+    for split in ("train", "test", "val"):
+        if getattr(data, split) is not None:
+            setattr(data, split, Split(getattr(data, split).x.to(device), getattr(data, split).y.to(device)))
+    steps_per_epoch = math.ceil(len(data.train) / args.batch)
     steps_needed = args.warmup + args.steps + SYNC_CHECK_STEPS + 1
     plan_epochs = min(args.plan_epochs, math.ceil(MAX_PLAN_STEPS / steps_per_epoch))
     base.append(f"trainer.epochs={max(plan_epochs, math.ceil(steps_needed / steps_per_epoch) + 1)}")
-    probe = Run(compose_config([*base, "controller=uniform"]), workdir / "bare")
+    probe = build_run(compose_config([*base, "controller=uniform"]), workdir / "bare", data=data)
     bare = BareLoop(probe.model, probe.mean, probe.std, probe.channels_last, probe.autocast, probe.cfg.trainer)
-    shared_x, shared_y = probe.train_x, probe.train_y
     variants = [Variant("bare", bare.step, bare=bare, run=probe)]
     for name in controllers:
         cfg = compose_config([*base, f"controller={name}", *controller_overrides(name, registry[name], workdir / name)])
-        run = Run(cfg, workdir / name)
-        run.train_x, run.train_y = shared_x, shared_y  # one copy of the data on the device
+        run = build_run(cfg, workdir / name, data=data)
         run.eval_splits = {}
         variants.append(Variant(name, run.train_step, ratio_target(name, registry[name]), run=run))
     # The same pre-drawn, augmented batches for every variant.
@@ -350,8 +313,8 @@ def build_variants(model_name: str, controllers: list[str], args, registry, work
     from meta_llr.data import augment
     batches = []
     for i in range(4):
-        index = torch.randint(0, len(shared_y), (args.batch,), generator=gen, device=probe.device)
-        batches.append((augment(shared_x[index], probe.crop_pad, probe.flip, gen), shared_y[index]))
+        index = torch.randint(0, len(probe.train_y), (args.batch,), generator=gen, device=probe.device)
+        batches.append((augment(probe.train_x[index], probe.crop_pad, probe.flip, gen), probe.train_y[index]))
     return variants, batches, probe
 
 
@@ -432,16 +395,16 @@ def count_ops(variant: Variant, batches) -> tuple[int, int]:
 def rows_for(model_name, variants, args, probe) -> list[dict]:
     device = torch.device(args.device)
     bare = variants[0]
-    bare_median = percentile(bare.times_ms, 50)
+    bare_median = float(np.percentile(bare.times_ms, 50))
     pbytes = param_bytes(probe.model)
     rows, bare_ops = [], None
     for variant in variants:
         kernel_ops, view_ops = variant.ops
         bare_ops = kernel_ops if bare_ops is None else bare_ops
-        median = percentile(variant.times_ms, 50)
+        p10, median, p90 = (float(v) for v in np.percentile(variant.times_ms, [10, 50, 90]))
         ratio = median / bare_median
         pairs = [a / b for a, b in zip(variant.block_ms, variant.reference_ms)]
-        paired, ci = percentile(pairs, 50), median_ci(pairs)
+        paired, ci = float(np.percentile(pairs, 50)), median_ci(pairs)
         if variant.target is None:
             verdict = None
         elif ratio <= variant.target:
@@ -456,8 +419,7 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
             "model": model_name, "controller": variant.name, "device": device.type, "batch": args.batch,
             "clock": args.clock if device.type == "cpu" else "cuda_event", "threads": torch.get_num_threads(),
             "layers": len(probe.layers), "steps_timed": len(variant.times_ms),
-            "step_ms_median": round(median, 3), "step_ms_p10": round(percentile(variant.times_ms, 10), 3),
-            "step_ms_p90": round(percentile(variant.times_ms, 90), 3),
+            "step_ms_median": round(median, 3), "step_ms_p10": round(p10, 3), "step_ms_p90": round(p90, 3),
             "images_per_s": round(args.batch / (median / 1e3), 1),
             "ratio_to_bare": round(ratio, 4), "ratio_paired": round(paired, 4),
             "ratio_paired_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)], "verdict": verdict,
@@ -567,7 +529,7 @@ def parse_args(argv):
     parser.add_argument("--out", default=".", help="folder for bench.json")
     parser.add_argument("--plan-epochs", type=int, default=PLAN_EPOCHS,
                         help="epochs of the runs' plan: sizes per-step tables (controllers that precompute "
-                             "a [steps, layers] schedule) as in a real run; the bench takes only a few steps of it")
+                             "a [steps, layers] curve) as in a real run; the bench takes only a few steps of it")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                         help="CPU only: 'thread' times the CPU time of the main thread (use with --threads 1): "
@@ -597,7 +559,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from meta_llr.interface import available
+    from meta_llr.registry import available
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     registry = available()
@@ -619,7 +581,7 @@ def main(argv=None) -> int:
           f"{args.block}; controllers: {', '.join(controllers)}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="meta_llr_bench_") as tmp, shared_data():
+    with tempfile.TemporaryDirectory(prefix="meta_llr_bench_") as tmp:
         if args.sync_check:
             failures = []
             for m in models:

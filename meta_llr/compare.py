@@ -27,6 +27,8 @@ Against the baseline group, on ``--metric``: Welch's t-test (``scipy.stats.ttest
 ``equal_var=False``, two-sided), Holm's step-down correction across the groups of a setting
 (Holm 1979: sort the m p-values, ``p_adj(i) = max_{j<=i} min(1, (m - j + 1) p(j))``), and
 Hedges' g, ``g = J (mean_A - mean_B) / s_pooled`` with ``J = 1 - 3 / (4 (n_A + n_B) - 9)``.
+When neither group varies (every run the same value) the test is undefined: p is NaN (not
+0) and the setting gets a "no variance" note. The formulas and sources: ``meta_llr.stats``.
 
 Figures: ``curves.png`` (test accuracy and train loss against epochs, mean and ±1 std band per
 group), ``llr_heatmap.png`` (mean LLR scale per layer × progress, one panel per group),
@@ -44,10 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from meta_llr.errors import UserError
 from meta_llr.runs import RunDir, find_runs
+from meta_llr.stats import NO_VARIANCE, hedges_g, holm, mean_ci, welch, welch_note
 
 METRICS = ("final_test_acc", "best_test_acc", "loss_auc", "steps_to_target", "epochs_to_target",
            "gen_gap", "wall_s", "final_train_loss", "final_test_loss")
@@ -55,63 +57,6 @@ METRICS = ("final_test_acc", "best_test_acc", "loss_auc", "steps_to_target", "ep
 IGNORED_KEYS = ("seed", "study", "quiet", "device", "logger", "wandb", "paths", "hydra", "arm",
                 "trainer.resume", "trainer.checkpoint", "trainer.compile", "trainer.log_every",
                 "trainer.eval_batch_size", "trainer.trace_every", "data.root", "data.path")
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def mean_ci(values, confidence: float = 0.95) -> dict:
-    """Mean, sample std (ddof 1) and the two-sided t confidence interval of the mean."""
-    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    n = len(x)
-    if n == 0:
-        return {"n": 0, "mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    mean = float(x.mean())
-    if n == 1:
-        return {"n": 1, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
-
-
-def hedges_g(a, b) -> float:
-    """Standardised mean difference (a - b) / pooled std, with the small-sample correction J."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    na, nb = len(a), len(b)
-    if na < 2 or nb < 2:
-        return math.nan
-    pooled = math.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
-    if pooled == 0:
-        return math.copysign(math.inf, a.mean() - b.mean()) if a.mean() != b.mean() else 0.0
-    return (1 - 3 / (4 * (na + nb) - 9)) * (a.mean() - b.mean()) / pooled
-
-
-def welch(a, b, alternative: str = "two-sided") -> tuple[float, float]:
-    """Welch's t statistic and p-value; NaN when a side has fewer than 2 values."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    if a.var(ddof=1) == 0 and b.var(ddof=1) == 0:  # scipy gives NaN; the answer is plain
-        diff = a.mean() - b.mean()
-        if diff == 0:
-            return math.nan, 1.0
-        t = math.copysign(math.inf, diff)
-        p = {"two-sided": 0.0, "greater": 0.0 if diff > 0 else 1.0, "less": 0.0 if diff < 0 else 1.0}[alternative]
-        return t, p
-    result = stats.ttest_ind(a, b, equal_var=False, alternative=alternative)
-    return float(result.statistic), float(result.pvalue)
-
-
-def holm(pvalues) -> list[float]:
-    """Holm-adjusted p-values, in the input order (NaN stays NaN and does not count in m)."""
-    p = np.asarray(pvalues, dtype=np.float64)
-    valid = np.flatnonzero(np.isfinite(p))
-    out = np.full(len(p), math.nan)
-    m = len(valid)
-    running = 0.0
-    for rank, index in enumerate(valid[np.argsort(p[valid], kind="stable")]):
-        running = max(running, min(1.0, (m - rank) * p[index]))
-        out[index] = running
-    return out.tolist()
 
 
 # ----------------------------------------------------------------------------- per run
@@ -296,6 +241,8 @@ def compare(runs: list[RunDir], baseline: str = "uniform", metric: str = "final_
             if base is not None and group is not base:
                 other = base.metric(metric)
                 row["t"], row["p"] = welch(values, other)
+                if welch_note(values, other) == NO_VARIANCE:
+                    setting.notes.append(f"group {group.label} vs {base.label}, {metric}: {NO_VARIANCE}")
                 row["hedges_g"] = hedges_g(values, other)
                 row["diff"] = row["metric_mean"] - (float(other.mean()) if len(other) else math.nan)
             else:

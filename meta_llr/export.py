@@ -1,4 +1,4 @@
-"""Export a run's LLR trace as a fixed schedule: ``python -m meta_llr.export RUN_DIR [--tol 0.02] [--out F]``.
+"""Export a run's LLR trace as a fixed per-layer curve: ``python -m meta_llr.export RUN_DIR [--tol 0.02] [--out F]``.
 
 Each layer's trace ``scale_l(p)`` (``llr.csv``, ``p`` = progress, the fraction of training) is
 replaced by a piecewise-linear curve through knots taken from the trace: the fewest knots for
@@ -7,45 +7,27 @@ layer's ``max - min`` over the run). The fewest knots are found exactly by a sho
 over the trace points (a segment between two points is allowed when it keeps every point
 between them within the tolerance; Imai & Iri 1986 is the classic treatment); the knot values
 are then refit by least squares (``scipy.interpolate.make_lsq_spline``, degree 1) when that
-lowers the largest error. ``controller=replay controller.schedule=FILE`` replays the result.
+lowers the largest error. ``controller=replay controller.curve=FILE`` replays the result.
 
-Only the controller's scales are exported; the global LR policy (``schedule=``, ``trainer.lr``)
+Only the controller's scales are exported; the global LR schedule (``schedule=``, ``trainer.lr``)
 is the replaying run's own.
 
-Schedule file (JSON)::
-
-    {
-      "format": "meta_llr.schedule/1",
-      "source_run": "runs/study/depth_linear-...",   # the run directory it came from
-      "controller": "depth_linear",                  # the run's controller, model, data, epochs
-      "model": "shallow", "data": "digits", "epochs": 10, "steps": 1200,
-      "tolerance": 0.02,                             # relative to each layer's range
-      "x": "progress",                               # knots are fractions of training, 0..1
-      "layers": [                                    # in forward order
-        {"name": "conv1.conv", "index": 0, "depth": 0.0,   # depth = index / (L - 1)
-         "knots": [0.0, 0.5, 0.99], "values": [1.5, 1.0, 0.5],
-         "range": 1.0, "max_error": 0.004},
-        ...
-      ]
-    }
-
-Between knots the curve is linear; before the first and after the last knot it is constant.
-A PNG of every layer's trace against its fit is written next to the JSON.
+Writes ``RUN_DIR/curve.json`` (or ``--out``), a curve file in the format of
+:mod:`meta_llr.curves` (written and checked there), and next to it ``curve.png``: every layer's
+trace against its fit.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from meta_llr.curves import new_curve, write_curve
 from meta_llr.errors import UserError
 from meta_llr.runs import read_run
-
-FORMAT = "meta_llr.schedule/1"
 
 
 def segment_errors(x: np.ndarray, y: np.ndarray, start: int) -> np.ndarray:
@@ -108,7 +90,7 @@ def fit_layer(x, y, tol: float) -> dict:
 
 
 def export_run(run_dir, tol: float = 0.02) -> dict:
-    """The schedule (see the module docstring) fitted to the LLR trace of ``run_dir``."""
+    """The curve (a :mod:`meta_llr.curves` document) fitted to the LLR trace of ``run_dir``."""
     if not (tol > 0 and math.isfinite(tol)):
         raise UserError(f"--tol must be > 0 (a fraction of each layer's range), got {tol}")
     run = read_run(run_dir)
@@ -124,42 +106,19 @@ def export_run(run_dir, tol: float = 0.02) -> dict:
     for index, name in enumerate(names):
         fit = fit_layer(progress, array[:, 3 + index], tol)
         layers.append({"name": name, "index": index, "depth": index / (count - 1) if count > 1 else 0.0, **fit})
-    return {"format": FORMAT, "source_run": str(run_dir), "controller": run.controller,
-            "model": run.summary.get("model") or run.get("model.name"),
-            "data": run.summary.get("data") or run.get("data.name"), "epochs": run.get("trainer.epochs"),
-            "steps": run.summary.get("steps"), "status": run.status, "tolerance": tol, "x": "progress",
-            "layers": layers}
+    return new_curve(layers, source_run=str(run_dir), controller=run.controller,
+                     model=run.summary.get("model") or run.get("model.name"),
+                     data=run.summary.get("data") or run.get("data.name"), epochs=run.get("trainer.epochs"),
+                     steps=run.summary.get("steps"), status=run.status, tolerance=tol)
 
 
-def load_schedule(path) -> dict:
-    """Read and check a schedule file; UserError naming the problem."""
-    path = Path(path)
-    try:
-        schedule = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"schedule file {path} not found; write one with python -m meta_llr.export RUN_DIR") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"schedule file {path} is not readable JSON ({error})") from None
-    layers = schedule.get("layers") if isinstance(schedule, dict) else None
-    if schedule.get("format") != FORMAT or not layers:
-        raise UserError(f"{path} is not a meta_llr schedule (format {FORMAT} with layers); "
-                        "write one with python -m meta_llr.export RUN_DIR")
-    for layer in layers:
-        knots, values = layer.get("knots"), layer.get("values")
-        if not knots or len(knots) != len(values) or list(knots) != sorted(knots):
-            raise UserError(f"{path}: layer {layer.get('name')} needs increasing knots and one value per knot")
-        if not all(math.isfinite(v) and v >= 0 for v in values):
-            raise UserError(f"{path}: layer {layer.get('name')} has negative or non-finite values")
-    return schedule
-
-
-def plot_fit(run_dir, schedule: dict, path: Path) -> None:
+def plot_fit(run_dir, curve: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names, array = read_run(run_dir).trace
-    layers = schedule["layers"]
+    layers = curve["layers"]
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False, sharex=True)
@@ -176,7 +135,7 @@ def plot_fit(run_dir, schedule: dict, path: Path) -> None:
         ax.set_xlabel("progress")
     for ax in axes[:, 0]:
         ax.set_ylabel("LLR scale")
-    fig.suptitle(f"{schedule['controller']} exported at tol {schedule['tolerance']} of each layer's range",
+    fig.suptitle(f"{curve['controller']} exported at tol {curve['tolerance']} of each layer's range",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -187,22 +146,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meta_llr.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--tol", type=float, default=0.02, help="largest error, as a fraction of each layer's range")
-    parser.add_argument("--out", default=None, help="schedule JSON (default: RUN_DIR/schedule.json)")
+    parser.add_argument("--out", default=None, help="curve JSON (default: RUN_DIR/curve.json; the PNG goes next to it)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if not Path(args.run_dir).is_dir():
             raise UserError(f"{args.run_dir} is not a directory; give one run directory")
-        schedule = export_run(args.run_dir, args.tol)
+        curve = export_run(args.run_dir, args.tol)
+        out = write_curve(args.out or Path(args.run_dir) / "curve.json", curve)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.run_dir) / "schedule.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(schedule, indent=2) + "\n")
-    plot_fit(args.run_dir, schedule, out.with_suffix(".png"))
-    knots = ", ".join(f"{layer['name']}: {len(layer['knots'])}" for layer in schedule["layers"])
+    plot_fit(args.run_dir, curve, out.with_suffix(".png"))
+    knots = ", ".join(f"{layer['name']}: {len(layer['knots'])}" for layer in curve["layers"])
     print(f"{out} ({knots} knots) and {out.with_suffix('.png')}")
-    print(f"replay: python -m meta_llr.train controller=replay controller.schedule={out}")
+    print(f"replay: python -m meta_llr.train controller=replay controller.curve={out}")
     return 0
 
 

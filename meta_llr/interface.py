@@ -5,7 +5,7 @@ trains with
 
     lr_layer(t) = global_lr(t) * scale_layer(t)
 
-where ``global_lr(t)`` is the global LR policy (``schedule=...``) and the scales are the
+where ``global_lr(t)`` is the global LR schedule (``schedule=...``) and the scales are the
 controller's. A controller is a subclass of :class:`Controller` registered by name with
 :func:`register`; ``controller=NAME`` on the command line selects it and its YAML config
 ``meta_llr/conf/controller/NAME.yaml`` gives its keyword arguments. Adding a controller is
@@ -86,17 +86,12 @@ parameters) follow the layer's scale; ``False`` keeps them at the global LR (LAR
 """
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
-import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from meta_llr.errors import UserError
+from torch import nn
 
 STATS = frozenset(
     {"loss", "global_lr", "scales", "grad_norm", "weight_norm", "update_norm", "grad_dot_prev_update", "loss_at"}
@@ -117,6 +112,17 @@ class Layer:
 
 
 @dataclass
+class Lookahead:
+    """What a controller that looks ahead (``rnn_meta learn=unrolled``) gets from the run."""
+
+    model: nn.Module                                   # the trained module (its live parameters)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # loss_fn(outputs, y), the run's loss
+    # sample_batches(k) -> ([(x, y)] * k, (x, y)): k fresh augmented training batches and one
+    # held-out batch (the validation split), inputs normalised, on the device; its own RNG stream.
+    sample_batches: Callable[[int], tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
 class Plan:
     """What the run will do: known before the first step."""
 
@@ -125,12 +131,7 @@ class Plan:
     epochs: int
     device: torch.device
     lr_table: torch.Tensor      # [total_steps] float32 on device: global_lr(step)
-    # For controllers that look ahead (rnn_meta learn=unrolled): the trained module, its loss
-    # ``loss_fn(outputs, y)``, and ``sample_batches(k) -> ([(x, y)] * k, (x, y))``: k fresh
-    # training batches and one held-out batch (validation split), inputs normalised, on device.
-    model: object = None
-    loss_fn: object = None
-    sample_batches: object = None
+    lookahead: Lookahead | None = None  # what a lookahead controller may use of the run
 
     def global_lr(self, step: int) -> torch.Tensor:
         """0-d device tensor, the global LR at ``step`` (a view: no copy, no sync)."""
@@ -145,7 +146,6 @@ class Controller(ABC):
     """Base class of every LLR controller; the module docstring is the contract."""
 
     needs: frozenset[str] = frozenset()
-    transforms_update: bool = False
     scale_1d: bool = True
 
     def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
@@ -165,7 +165,7 @@ class Controller(ABC):
         return None
 
     def transform_update(self, step: int, before: Sequence[Sequence[torch.Tensor]]) -> None:
-        raise NotImplementedError
+        """Rewrite the layers' parameters after the optimizer step (see the contract)."""
 
     def records(self) -> dict[str, list[dict]]:
         """Tables to write as ``<name>.csv`` at each evaluation (host-side)."""
@@ -178,111 +178,14 @@ class Controller(ABC):
         pass
 
     @classmethod
+    def hooks(cls) -> frozenset[str]:
+        """The optional hooks this controller uses: the ones it overrides (the one way a
+        controller declares a capability)."""
+        return frozenset(name for name in ("observe", "trainable", "transform_update")
+                         if getattr(cls, name) is not getattr(Controller, name))
+
+    @classmethod
     def example_options(cls, tmp_dir) -> dict:
         """Options that make a runnable example (for tests and docs) when the YAML defaults
         alone cannot, e.g. a file to read written into ``tmp_dir``; default ``{}``."""
         return {}
-
-
-# ----------------------------------------------------------------------------- registry
-
-CONTROLLERS: dict[str, type[Controller]] = {}
-_PACKAGES = ("baselines", "controllers")
-
-
-def register(name: str):
-    """Class decorator: make a controller selectable as ``controller=name``."""
-
-    def add(cls: type[Controller]) -> type[Controller]:
-        if name in CONTROLLERS and CONTROLLERS[name] is not cls:
-            raise ValueError(f"controller name '{name}' registered twice")
-        cls.registry_name = name
-        CONTROLLERS[name] = cls
-        return cls
-
-    return add
-
-
-def available() -> dict[str, type[Controller]]:
-    """All registered controllers, importing every module of ``baselines`` and ``controllers``."""
-    for package_name in _PACKAGES:
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{package_name}.{info.name}")
-    return dict(sorted(CONTROLLERS.items()))
-
-
-def _check_type(name: str, key: str, value, annotation):
-    """Coerce ``value`` to the annotated type of the controller argument, or raise UserError."""
-    if annotation is inspect.Parameter.empty or annotation is typing.Any:
-        return value
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(name, key, value, option)
-            except UserError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin in (list, tuple, Sequence) or annotation in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise UserError(f"controller.{key} must be a list for controller={name}, got {value!r}; "
-                            f"write e.g. controller.{key}=[1.0,2.0]")
-        (item_type,) = typing.get_args(annotation)[:1] or (typing.Any,)
-        return [_check_type(name, key, item, item_type) for item in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise UserError(f"controller.{key} must be {annotation.__name__} for controller={name}, got {value!r}")
-
-
-def build_controller(config: Mapping) -> Controller:
-    """Instantiate ``config['name']`` with the other keys as typed keyword arguments."""
-    config = dict(config)
-    name = config.pop("name", None)
-    registry = available()
-    if name not in registry:
-        raise UserError(f"unknown controller '{name}'; valid: {', '.join(registry)}")
-    cls = registry[name]
-    signature = inspect.signature(cls.__init__)
-    hints = typing.get_type_hints(cls.__init__)
-    accepted = {k for k in signature.parameters if k != "self"}
-    unknown = sorted(set(config) - accepted)
-    if unknown:
-        raise UserError(f"controller={name} has no option {', '.join(unknown)}; "
-                        f"its options: {', '.join(sorted(accepted)) or 'none'}")
-    kwargs = {k: _check_type(name, k, _plain(v), hints.get(k, inspect.Parameter.empty))
-              for k, v in config.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as error:  # controllers validate their own ranges with ValueError
-        raise UserError(f"controller={name}: {error}") from None
-
-
-def _plain(value):
-    """OmegaConf containers to plain Python."""
-    try:
-        from omegaconf import OmegaConf
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return value

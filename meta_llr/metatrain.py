@@ -1,4 +1,4 @@
-"""Meta-train ``rnn_meta`` across whole runs with evolution strategies; the unrolled hypergradient.
+"""Meta-train ``rnn_meta`` across whole runs with evolution strategies.
 
 Evolution strategies (Salimans et al. 2017, arXiv 1703.03864), antithetic: with the learner's
 flat weights ``φ`` and, per iteration, ``pairs`` draws ``ε_i ~ N(0, I)`` each on its own task
@@ -23,7 +23,8 @@ controller.weights=OUT/weights.pt``), appends one line to ``metatrain.jsonl`` an
         --task "model=shallow data=digits" --task "model=mlp data=digits" --seeds 0,1 \\
         --epochs 2
 
-:func:`unrolled_hypergradient` is the k-step lookahead meta-gradient used by ``learn=unrolled``.
+The k-step lookahead meta-gradient of ``learn=unrolled`` is
+:func:`meta_llr.lookahead.unrolled_hypergradient`, a library module.
 """
 from __future__ import annotations
 
@@ -48,68 +49,32 @@ from meta_llr.records import save_atomic, write_atomic
 STATE, LOG, WEIGHTS = "metatrain_state.pt", "metatrain.jsonl", "weights.pt"
 
 
-# ---------------------------------------------------------------------- unrolled lookahead
-def unrolled_hypergradient(model, loss_fn, log_scales: torch.Tensor, layer_of: dict, train_batches,
-                           held_out, lr) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L_val(θ_k), ∂L_val(θ_k)/∂log s)`` after ``k = len(train_batches)`` plain SGD steps.
-
-    ``θ_{i+1} = θ_i − lr·exp(log s_l)·∇L(θ_i; batch_i)`` for each parameter of layer ``l``
-    (``layer_of[id(param)] = l``; parameters in no layer stay fixed), from the model's current
-    weights, differentiated through all k steps (second order) with ``torch.func``. Costs about
-    3k+1 forward/backward passes. Momentum is not unrolled. A model with BatchNorm in train
-    mode uses batch statistics; its running statistics are updated on throw-away copies.
-    """
-    from torch.func import functional_call, grad, grad_and_value
-
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    layer = {n: layer_of[id(p)] for n, p in model.named_parameters() if id(p) in layer_of}
-    buffers = dict(model.named_buffers())
-
-    def batch_loss(p, x, y):
-        # fresh copies inside the transform: BatchNorm may update them; the model's stay untouched
-        return loss_fn(functional_call(model, (p, {n: b.clone() for n, b in buffers.items()}), (x,)), y)
-
-    def val_after(log_s):
-        p = params
-        for x, y in train_batches:
-            g = grad(batch_loss)(p, x, y)
-            p = {n: p[n] - lr * log_s[layer[n]].exp() * g[n] if n in layer else p[n] for n in p}
-        return batch_loss(p, *held_out)
-
-    gradient, value = grad_and_value(val_after)(log_scales)
-    return value, gradient
-
-
 # ---------------------------------------------------------------------- one task = one short run
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from meta_llr.config import compose
 
-    from hydra.errors import HydraException
-
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
-            return compose(config_name="config", overrides=list(overrides))
-    except HydraException as error:
-        raise UserError(f"bad task overrides {' '.join(overrides)}: {str(error).splitlines()[0]}") from None
+        return compose(overrides)
+    except UserError as error:
+        raise UserError(f"bad task overrides {' '.join(overrides)}: {error}") from None
 
 
 def run_objective(flat: np.ndarray, overrides: list[str], max_loss: float) -> float:
-    """Validation loss after a short run (Hydra ``overrides``) with the frozen learner ``flat``."""
-    from meta_llr.train import Run
+    """Validation loss after a short run (Hydra ``overrides``) with the frozen learner ``flat``:
+    an ordinary run (divergence checks, records in a temporary directory), its learner given."""
+    from meta_llr.registry import build_controller
+    from meta_llr.run import build_run
 
     cfg = _compose(overrides)
+    if not cfg.data.val_size:
+        raise UserError("meta-training needs a validation split; add --val-size N (N > 0)")
+    controller = build_controller(cfg.controller)
+    controller.load_flat(torch.as_tensor(flat))  # before setup: its first output comes from these weights
     with tempfile.TemporaryDirectory() as out:
-        run = Run(cfg, out)
-        if "val" not in run.eval_splits:
-            raise UserError("meta-training needs a validation split; add --val-size N (N > 0)")
-        run.controller.load_flat(torch.as_tensor(flat))
-        run.controller.setup(run.layers, run.plan)  # its first output from these weights, as with weights=PATH
-        for _ in range(run.epochs):
-            for x, y in run.batches():
-                run.train_step(x, y)
-        loss = run.evaluate("val")[0]
+        summary = build_run(cfg, out, controller=controller).fit()
+    loss = summary.get("final_val_loss")
+    if summary["status"] != "finished" or loss is None:
+        return max_loss
     return loss if math.isfinite(loss) and loss < max_loss else max_loss
 
 
@@ -309,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                  for task in (args.task or ["model=shallow data=digits"]) for seed in seeds]
         for overrides, _ in tasks:
             _compose(overrides)     # a bad override fails here, in one line, before any run
-        from meta_llr.interface import build_controller
+        from meta_llr.registry import build_controller
         controller = build_controller(_compose(["controller=rnn_meta", "controller.learn=off",
                                                 *learner_overrides]).controller)
         if args.init is not None:

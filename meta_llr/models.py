@@ -14,82 +14,109 @@ residual branch.
     model = build_model("resnet", in_channels=3, image_size=32, num_classes=10, depth=56)
 """
 
-import inspect
-from collections.abc import Sequence
-from typing import Callable
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from meta_llr.errors import UserError
+from meta_llr.options import check_section, fail, opt
+from meta_llr.registry import config_from_signature, store, typed
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODEL_CONFIGS: dict[str, type] = {}
 
-_SIZE_ARGS = ("in_channels", "image_size", "num_classes")
 MIN_IMAGE_SIZE = 8
 
 
-def register_model(name: str):
-    """Class decorator: make a model available to ``build_model`` under ``name``."""
+def register_model(name: str, config: type | None = None):
+    """Class decorator: make a model available as ``model=name``. ``config``: its options as a
+    dataclass (default: derived from ``__init__`` after the three size arguments)."""
 
     def deco(cls):
-        assert name not in MODELS, f"model {name!r} registered twice"
+        if name in MODELS and MODELS[name].__qualname__ != cls.__qualname__:
+            raise ValueError(f"model {name!r} registered twice")
         MODELS[name] = cls
+        MODEL_CONFIGS[name] = store("model", name, config or config_from_signature(cls, name, skip=3))
         return cls
 
     return deco
 
 
-def model_options(name: str) -> dict:
-    """The options of model ``name`` with their defaults (what its YAML config lists)."""
-    sig = inspect.signature(MODELS[name])
-    return {k: list(p.default) if isinstance(p.default, tuple) else p.default
-            for k, p in sig.parameters.items() if k not in _SIZE_ARGS}
+# One dataclass per built-in model: its options, defaults and ranges (``model.NAME=...``).
+@dataclass
+class ModelConfig:
+    section: ClassVar[str] = "model"
+    name: str = opt("shallow", free=True)
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    name: str = opt("mlp", free=True)
+    hidden: int = opt(256, ge=1, doc="width of every hidden layer")
+    depth: int = opt(2, ge=0, doc="hidden layers (0: a linear classifier)")
+
+
+@dataclass
+class ShallowConfig(ModelConfig):
+    name: str = opt("shallow", free=True)
+    width: int = opt(32, ge=1, doc="channels of the first conv (then 2w, 4w)")
+
+
+@dataclass
+class PlainConfig(ModelConfig):
+    name: str = opt("plain", free=True)
+    depth: int = opt(11, ge=4, doc="weighted layers: one conv per stage at least, plus the head")
+    width: int = opt(16, ge=1, doc="channels of the first stage")
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    name: str = opt("resnet", free=True)
+    depth: int = opt(20, ge=8, doc="6n+2: 20, 32, 44, 56, 110")
+    width: int = opt(16, ge=1, doc="channels of the first stage (then 2w, 4w)")
+    shortcut: str = opt("conv", choices=("conv", "pad"), doc="conv: 1x1 projection; pad: option A")
+
+    def validate(self):
+        if (self.depth - 2) % 6:
+            fail("model.depth", self.depth, "6n+2, e.g. 20, 32, 44, 56 or 110")
+
+
+@dataclass
+class ResNet18Config(ModelConfig):
+    name: str = opt("resnet18", free=True)
+    width: int = opt(64, ge=1, doc="channels of the first stage (then 2w, 4w, 8w)")
+
+
+@dataclass
+class FastNetConfig(ModelConfig):
+    name: str = opt("fastnet", free=True)
+    widths: list[int] = opt([64, 256, 256], ge=1, length=(1, None), doc="channels of each conv group")
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int, **options) -> nn.Module:
     """Build model ``name``; bad names and options raise a one-line ``UserError``."""
+    from meta_llr.registry import load_all
+
+    load_all()
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; valid: {', '.join(sorted(MODELS))}")
     for arg, value, low in (("in_channels", in_channels, 1), ("image_size", image_size, MIN_IMAGE_SIZE),
                             ("num_classes", num_classes, 1)):
-        if not _is_int(value) or value < low:
+        if not (isinstance(value, int) and not isinstance(value, bool)) or value < low:
             raise UserError(f"model {name}: {arg}={value!r} is invalid; it must be an integer >= {low}")
-    defaults = model_options(name)
-    clean = {}
-    for key, value in options.items():
-        if key not in defaults:
-            valid = ", ".join(sorted(defaults)) or "none"
-            raise UserError(f"model {name} has no option {key!r}; valid options: {valid}")
-        clean[key] = _check_type(name, key, value, defaults[key])
-    return MODELS[name](in_channels, image_size, num_classes, **clean)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_type(model: str, key: str, value, default):
-    """Coerce config values (omegaconf ListConfig -> list) and check them against the default's type."""
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        value = list(value)
-    if isinstance(default, list):
-        if not isinstance(value, list) or not value or not all(_is_int(v) and v >= 1 for v in value):
-            raise UserError(f"model {model}: {key}={value!r} is invalid; give a non-empty list of positive "
-                            f"integers, e.g. {key}={default}")
-    elif _is_int(default):
-        if not _is_int(value) or value < 0:
-            raise UserError(f"model {model}: {key}={value!r} is invalid; give a non-negative integer, "
-                            f"e.g. {key}={default}")
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise UserError(f"model {model}: {key}={value!r} is invalid; give a string, e.g. {key}={default}")
-    return value
-
-
-def _need(ok: bool, message: str):
-    if not ok:
-        raise UserError(message)
+    schema = MODEL_CONFIGS[name]
+    values = typed(schema, {"name": name, **options}, prefix="model")
+    check_section(schema(**values), schema, "model")
+    values.pop("name")
+    try:
+        return MODELS[name](in_channels, image_size, num_classes, **values)
+    except ValueError as error:  # plugin models check their own options with ValueError
+        raise UserError(f"model={name}: {error}") from None
 
 
 def _kaiming_init(model: nn.Module):
@@ -121,7 +148,7 @@ class ConvBN(nn.Module):
 # --------------------------------------------------------------------------- MLP
 
 
-@register_model("mlp")
+@register_model("mlp", MLPConfig)
 class MLP(nn.Module):
     """Multilayer perceptron: flatten, ``depth`` x (Linear + ReLU) of width ``hidden``, linear head.
 
@@ -131,7 +158,6 @@ class MLP(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, hidden: int = 256, depth: int = 2):
         super().__init__()
-        _need(hidden >= 1, f"model mlp: hidden={hidden} is invalid; give a positive width, e.g. hidden=256")
         dims = [in_channels * image_size * image_size] + [hidden] * depth
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.head = nn.Linear(dims[-1], num_classes)
@@ -146,7 +172,7 @@ class MLP(nn.Module):
 # ----------------------------------------------------------------------- shallow
 
 
-@register_model("shallow")
+@register_model("shallow", ShallowConfig)
 class Shallow(nn.Module):
     """The research discussion's "shallow network": three conv3x3-BN-ReLU layers.
 
@@ -156,7 +182,6 @@ class Shallow(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 32):
         super().__init__()
-        _need(width >= 1, f"model shallow: width={width} is invalid; give a positive width, e.g. width=32")
         self.conv1 = ConvBN(in_channels, width)
         self.conv2 = ConvBN(width, 2 * width)
         self.conv3 = ConvBN(2 * width, 4 * width)
@@ -173,7 +198,7 @@ class Shallow(nn.Module):
 # ------------------------------------------------------------------------- plain
 
 
-@register_model("plain")
+@register_model("plain", PlainConfig)
 class Plain(nn.Module):
     """VGG-style deep net without skip connections: the "plain" baseline of He et al. 2016
     (arXiv 1512.03385, section 4.2), after Simonyan & Zisserman 2014 (arXiv 1409.1556).
@@ -185,8 +210,6 @@ class Plain(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, depth: int = 11, width: int = 16):
         super().__init__()
-        _need(depth >= 4, f"model plain: depth={depth} is too small; use depth >= 4 (one conv per stage plus the head)")
-        _need(width >= 1, f"model plain: width={width} is invalid; give a positive width, e.g. width=16")
         n_conv = depth - 1
         per_stage = [n_conv // 3 + (i < n_conv % 3) for i in range(3)]
         layers, c_in = [], in_channels
@@ -256,7 +279,7 @@ class _ResNetBody(nn.Module):
         return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-@register_model("resnet")
+@register_model("resnet", ResNetConfig)
 class ResNet(_ResNetBody):
     """CIFAR ResNet of He et al. 2016, "Deep Residual Learning for Image Recognition"
     (arXiv 1512.03385, section 4.2): depth = 6n+2, a 3x3 conv stem, 3 stages of n
@@ -266,17 +289,12 @@ class ResNet(_ResNetBody):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, depth: int = 20, width: int = 16,
                  shortcut: str = "conv"):
-        _need(depth >= 8 and (depth - 2) % 6 == 0,
-              f"model resnet: depth={depth} is not 6n+2; use e.g. depth=20, 32, 44, 56 or 110")
-        _need(width >= 1, f"model resnet: width={width} is invalid; give a positive width, e.g. width=16")
-        _need(shortcut in ("conv", "pad"),
-              f"model resnet: shortcut={shortcut!r} is invalid; use shortcut=conv (projection) or shortcut=pad (option A)")
         n = (depth - 2) // 6
         w = width
         super().__init__(in_channels, num_classes, w, [w, 2 * w, 4 * w], [n] * 3, [1, 2, 2], shortcut)
 
 
-@register_model("resnet18")
+@register_model("resnet18", ResNet18Config)
 class ResNet18(_ResNetBody):
     """ResNet-18 (He et al. 2016, arXiv 1512.03385, table 1: basic blocks 2,2,2,2 with
     widths w, 2w, 4w, 8w) with the usual CIFAR stem: a 3x3 stride-1 conv and no
@@ -284,7 +302,6 @@ class ResNet18(_ResNetBody):
     """
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width: int = 64):
-        _need(width >= 1, f"model resnet18: width={width} is invalid; give a positive width, e.g. width=64")
         w = width
         super().__init__(in_channels, num_classes, w, [w, 2 * w, 4 * w, 8 * w], [2] * 4, [1, 2, 2, 2], "conv")
 
@@ -315,7 +332,7 @@ class ConvGroup(nn.Module):
         return F.gelu(self.bn2(self.conv2(x)))
 
 
-@register_model("fastnet")
+@register_model("fastnet", FastNetConfig)
 class FastNet(nn.Module):
     """airbench94-like net, from K. Jordan, "94% on CIFAR-10 in 3.29 Seconds on a Single
     GPU" (arXiv 2404.00498): a 2x2 unpadded stem conv to 24 channels + BN + GELU, one

@@ -1,5 +1,7 @@
-"""Draw every hand-crafted LLR schedule: ``python -m meta_llr.plot_schedules [--layers 10] [--out docs]``.
+"""Draw every hand-crafted per-layer LR curve: ``python -m meta_llr.plot_schedules [--layers 10] [--out docs]``.
 
+The command keeps its name; what it draws are the baselines' *curves* (``scale_l`` against the
+fraction of training; the global LR *schedule* is :mod:`meta_llr.schedules`, held constant here).
 For each controller config in ``meta_llr/conf/controller/`` whose controller lives in
 ``baselines/`` and needs no training statistics, builds the controller from its YAML
 defaults, runs its real ``setup`` on a stub net of ``--layers`` layers (a config whose
@@ -14,7 +16,6 @@ import argparse
 import math
 import sys
 import textwrap
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from meta_llr.errors import UserError
-from meta_llr.interface import Controller, Layer, Plan, build_controller
+from meta_llr.interface import Controller, Layer, Plan
+from meta_llr.registry import build_controller
 
 # The issue's order first; any other baseline config follows alphabetically.
 ORDER = ("uniform", "depth_linear", "fixed_linear", "fixed_linear_discussion", "discriminative", "llrd",
@@ -39,7 +41,7 @@ def stub_setup(controller: Controller, num_layers: int, epochs: int = 10, steps_
     controller.setup(layers, plan)
 
 
-def schedule_table(controller: Controller, num_layers: int, epochs: int = 10, steps_per_epoch: int = 100) -> np.ndarray:
+def curve_table(controller: Controller, num_layers: int, epochs: int = 10, steps_per_epoch: int = 100) -> np.ndarray:
     """The scales ``[steps, layers]`` the controller gives over a whole stub run."""
     stub_setup(controller, num_layers, epochs, steps_per_epoch)
     total = controller.plan.total_steps
@@ -47,21 +49,25 @@ def schedule_table(controller: Controller, num_layers: int, epochs: int = 10, st
 
 
 def baseline_configs() -> dict[str, dict]:
-    """Controller configs (by YAML name) whose controller is a stats-free baseline."""
-    from meta_llr.interface import available
+    """Controller configs (by ``controller=`` name, presets included) whose controller is a
+    stats-free baseline."""
+    from meta_llr.config import compose, group_options
+    from meta_llr.registry import available
 
     registry = available()
     configs = {}
-    for path in sorted(files("meta_llr.conf").joinpath("controller").iterdir(), key=lambda p: p.name):
-        if not path.name.endswith(".yaml"):
+    for choice in group_options("controller"):
+        try:
+            config = OmegaConf.to_container(compose([f"controller={choice}"]).controller, resolve=True)
+        except UserError as error:  # e.g. replay: nothing to draw without a curve file
+            print(f"skipped {choice}: {error}", file=sys.stderr)
             continue
-        config = OmegaConf.to_container(OmegaConf.load(str(path)), resolve=True)
         cls = registry.get(config.get("name"))
         if cls is None or not cls.__module__.startswith("baselines.") or cls.needs:
             continue
-        if any(getattr(cls, hook) is not getattr(Controller, hook) for hook in ("observe", "transform_update")):
+        if cls.hooks() & {"observe", "transform_update"}:
             continue
-        configs[path.name[:-5]] = config
+        configs[choice] = config
     ranked = sorted(configs, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
     return {name: configs[name] for name in ranked}
 
@@ -112,7 +118,7 @@ def plot_all(out: Path, num_layers: int = 10, epochs: int = 10, steps_per_epoch:
         try:
             controller = build_controller(config)
             layers = getattr(controller, "required_layers", lambda: None)() or num_layers
-            table = schedule_table(controller, layers, epochs, steps_per_epoch)
+            table = curve_table(controller, layers, epochs, steps_per_epoch)
         except UserError as error:  # e.g. a baseline that needs a file to replay
             print(f"skipped {name}: {error}", file=sys.stderr)
             continue
@@ -136,7 +142,7 @@ def plot_all(out: Path, num_layers: int = 10, epochs: int = 10, steps_per_epoch:
             draw(ax, *panel)
         for ax in axes.flat[len(panels):]:
             ax.axis("off")
-        fig.suptitle(f"Hand-crafted layer LR schedules: scale_l(t) multiplies the global LR "
+        fig.suptitle(f"Hand-crafted per-layer LR curves: scale_l(t) multiplies the global LR "
                      f"(one line per layer, first = dark; x: layer frozen from here on)", fontsize=12)
         path = out / "schedules.png"
         fig.savefig(path, dpi=90)

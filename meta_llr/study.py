@@ -43,6 +43,9 @@ finished runs, with Holm's correction across the study's hypotheses:
   ``p = max(p(A - B > -margin), p(A - B < margin))``: **supported** when below alpha;
   **contradicted** when ``|A - B| > margin`` is significant (the smaller of the two one-sided
   p-values, doubled); otherwise **inconclusive** (too few seeds to tell).
+* fewer than 2 finished runs in an arm, or neither arm varies (every run of both the same
+  value: Welch's t is undefined, p is NaN rather than a made-up 0 or 1): **inconclusive**, with
+  the reason. The formulas and their sources: ``meta_llr.stats``.
 
 ``report.md`` (next to ``compare.md``, ``compare.csv`` and the figures) gives per hypothesis the
 verdict, the means, the difference with its 95% Welch interval, the deciding t statistic, raw
@@ -62,11 +65,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from scipy import stats
 
-from meta_llr.compare import METRICS, compare, hedges_g, holm, markdown, welch, write_outputs
+from meta_llr.compare import METRICS, compare, markdown, write_outputs
 from meta_llr.errors import UserError
 from meta_llr.runs import find_runs
+from meta_llr.stats import hedges_g, holm, tost, welch, welch_interval, welch_note
 
 DIRECTIONAL = re.compile(r"^\s*([\w.-]+)\s*([<>])\s*([\w.-]+)\s*$")
 EQUIVALENCE = re.compile(r"^\s*\|\s*([\w.-]+)\s*-\s*([\w.-]+)\s*\|\s*<\s*([0-9.eE+-]+)\s*$")
@@ -230,41 +233,20 @@ def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_
 
 # ----------------------------------------------------------------------------- report
 
-def welch_interval(a, b, confidence: float = 0.95) -> tuple[float, float]:
-    """Welch–Satterthwaite confidence interval of mean(a) - mean(b)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    diff = a.mean() - b.mean()
-    if se == 0:
-        return diff, diff
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, df) * se
-    return diff - half, diff + half
-
-
 def evaluate_hypothesis(h: Hypothesis, a, b) -> dict:
     """Raw one-sided p-values for the claim (support) and against it (contra), and the statistics."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     result = {"n_a": len(a), "n_b": len(b), "mean_a": a.mean() if len(a) else math.nan,
               "mean_b": b.mean() if len(b) else math.nan}
     if h.kind == "equiv":
-        t_low, p_low = welch(a + h.margin, b, "greater")   # H0: A - B <= -margin
-        t_high, p_high = welch(a - h.margin, b, "less")    # H0: A - B >= +margin
-        support = max(p_low, p_high)
-        t = t_low if p_low >= p_high else t_high
-        _, p_above = welch(a - h.margin, b, "greater")     # A - B > margin
-        _, p_below = welch(a + h.margin, b, "less")        # A - B < -margin
-        contra = min(1.0, 2 * min(p_above, p_below))
+        t, support, contra = tost(a, b, h.margin)
     else:
         claim = "less" if h.kind == "<" else "greater"
         t, support = welch(a, b, claim)
         _, contra = welch(a, b, "greater" if claim == "less" else "less")
     sign = 1 if h.baseline == h.b else -1  # effect sizes are (other - baseline)
     low, high = welch_interval(a, b)
-    result.update(t=t, p_support=support, p_contra=contra,
+    result.update(t=t, p_support=support, p_contra=contra, note=welch_note(a, b),
                   diff=sign * (result["mean_a"] - result["mean_b"]),
                   diff_ci=(low, high) if sign == 1 else (-high, -low),
                   hedges_g=hedges_g(a, b) * sign)
@@ -289,6 +271,8 @@ def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
         h = r["hypothesis"]
         if min(r["n_a"], r["n_b"]) < 2:
             r["verdict"], r["why"] = "inconclusive", f"fewer than 2 finished runs with {h.metric} in an arm"
+        elif r["note"]:
+            r["verdict"], r["why"] = "inconclusive", f"{h.metric}: {r['note']}"
         elif r["p_support_holm"] < h.alpha:
             r["verdict"], r["why"] = "supported", f"Holm p {r['p_support_holm']:.3g} < alpha {h.alpha}"
         elif r["p_contra_holm"] < h.alpha:

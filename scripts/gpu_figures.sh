@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CIFAR-10 runs behind docs/results.md, on one CUDA GPU (about 3 minutes on an H200):
-#   - the discussion's first study (shallow, step policy; uniform, depth_linear 1.5->0.5, the
+#   - the discussion's first study (shallow, step schedule; uniform, depth_linear 1.5->0.5, the
 #     reversed 0.5->1.5, fixed_linear), 10 epochs x 3 seeds, and freezeout (issues 3, 6);
 #   - 5-epoch shallow runs of every adaptive controller next to uniform (issue 4), and the
 #     curvature probe on resnet-20;

@@ -2,8 +2,6 @@
 import os
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -15,9 +13,10 @@ TINY = ["data=synthetic", "data.channels=1", "data.size=8", "data.classes=4", "d
 
 
 def compose_config(*overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
-        return compose(config_name="config", overrides=list(overrides))
+    """The checked config of ``overrides``, exactly as the CLI composes it."""
+    from meta_llr.config import compose
+
+    return compose(overrides)
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def make_config():
 @pytest.fixture
 def tiny_run(tmp_path):
     """Train a tiny synthetic run with extra overrides; returns (summary, run_dir)."""
-    from meta_llr.train import train
+    from meta_llr.run import train
 
     def run(*overrides, name="run"):
         cfg = compose_config(*TINY, *overrides)

@@ -1,5 +1,5 @@
 """A separable quadratic with known per-layer curvatures, and a minimal loop that drives a
-controller through exactly the calls ``meta_llr.train.Run.train_step`` makes.
+controller through exactly the calls ``meta_llr.run.Run.train_step`` makes.
 
     loss(θ) = ½ Σ_l h_l ‖θ_l − θ*_l‖²  +  Σ_l ξ_l·θ_l
 
@@ -114,7 +114,7 @@ def run_controller(controller: Controller, model: Quadratic, steps: int, lr: flo
                 layer_scale = scales[param_layer[i]] if (p.dim() > 1 or controller.scale_1d) else 1.0
                 buffers[i].mul_(momentum).add_(p.grad)
                 p.sub_(global_lr * layer_scale * buffers[i])
-            if controller.transforms_update:
+            if "transform_update" in controller.hooks():
                 by_layer, i = [], 0
                 for layer in layers:
                     by_layer.append(prev[i:i + len(layer.params)])

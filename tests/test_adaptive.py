@@ -229,10 +229,10 @@ def test_records_hook_writes_adam_probe_csv(tiny_run):
 
 
 def test_same_batch_runs_in_the_loop_without_host_syncs(make_config, tmp_path):
-    from meta_llr.train import Run
+    from meta_llr.run import build_run
     from tests.conftest import TINY
     from tests.test_contract import count_host_syncs
-    run = Run(make_config(*TINY, "controller=hessian_secant", "controller.same_batch=true"), tmp_path)
+    run = build_run(make_config(*TINY, "controller=hessian_secant", "controller.same_batch=true"), tmp_path)
     for x, y in run.batches():
         with count_host_syncs() as syncs:
             run.train_step(x, y)

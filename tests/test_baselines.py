@@ -1,9 +1,8 @@
-"""The hand-crafted schedules: known values at start, breakpoints and end; the real loop
+"""The hand-crafted curves: known values at start, breakpoints and end; the real loop
 freezes what they freeze; the run's llr.csv is the formula; the plots render."""
 import csv
 import inspect
 import math
-from importlib.resources import files
 
 import numpy as np
 import pytest
@@ -11,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from meta_llr.errors import UserError
-from meta_llr.interface import available, build_controller
+from meta_llr.registry import available, build_controller
 from meta_llr.plot_schedules import main as plot_main
-from meta_llr.plot_schedules import plot_all, schedule_table, stub_setup
-from meta_llr.train import Run
+from meta_llr.plot_schedules import curve_table, plot_all, stub_setup
+from meta_llr.run import build_run
 from tests.conftest import TINY, compose_config
 
 f32 = np.float32
@@ -30,8 +29,9 @@ def at(name, num_layers, progress, **options):
     return build(name, **options).curve(np.asarray(progress, dtype=np.float64), depth)
 
 
-def yaml_config(name):
-    return OmegaConf.to_container(OmegaConf.load(str(files("meta_llr.conf").joinpath(f"controller/{name}.yaml"))))
+def composed(name):
+    """``controller=name`` as the CLI composes it (presets included)."""
+    return OmegaConf.to_container(compose_config(f"controller={name}").controller)
 
 
 OWNED = ["depth_linear", "fixed_linear", "discriminative", "llrd", "freezeout", "unfreeze", "cascade_onecycle",
@@ -39,8 +39,9 @@ OWNED = ["depth_linear", "fixed_linear", "discriminative", "llrd", "freezeout", 
 
 
 @pytest.mark.parametrize("name", OWNED)
-def test_yaml_lists_every_option_with_its_default(name):
-    config = yaml_config(name)
+def test_config_lists_every_option_with_its_default(name):
+    """The typed config is derived from __init__: defaults are written once, in the signature."""
+    config = composed(name)
     assert config.pop("name") == name
     signature = inspect.signature(available()[name].__init__)
     defaults = {k: p.default for k, p in signature.parameters.items() if k != "self"}
@@ -77,14 +78,14 @@ def test_the_discussions_three_layer_example_is_exact():
     """3 layers, 100 epochs: layer 1 2.0 -> 0.5 over epochs 0-10, layer 2 1.0, layer 3 0.5 -> 2.0 over 100."""
     epochs = [0, 5, 10, 50, 100]
     expected = f32([[2.0, 1.0, 0.5], [1.25, 1.0, 0.575], [0.5, 1.0, 0.65], [0.5, 1.0, 1.25], [0.5, 1.0, 2.0]])
-    config = yaml_config("fixed_linear_discussion")
+    config = composed("fixed_linear_discussion")
     assert config["name"] == "fixed_linear"
     controller = build_controller(config)
     assert controller.required_layers() == 3
     curve = controller.curve(np.array(epochs) / 100, np.array([0.0, 0.5, 1.0])).astype(np.float32)
     assert np.array_equal(curve, expected)
     # The device table of a real 100-epoch plan, at the first step of each epoch.
-    table = schedule_table(controller, 3, epochs=100, steps_per_epoch=7)
+    table = curve_table(controller, 3, epochs=100, steps_per_epoch=7)
     assert np.array_equal(table[[7 * e for e in epochs[:-1]]], expected[:-1])
 
 
@@ -178,7 +179,7 @@ def test_cascade_onecycle():
     linear = at("cascade_onecycle", 3, [0.05, 0.6], anneal="linear")
     assert np.isclose(linear[0, 0], 0.1 + 0.9 * 0.25) and np.isclose(linear[1, 0], 0.5005)
     # The discussion's example: 5 groups over 50 epochs peak at epochs 10, 15, 20, 25, 30.
-    table = schedule_table(build("cascade_onecycle"), 5, epochs=50, steps_per_epoch=1)
+    table = curve_table(build("cascade_onecycle"), 5, epochs=50, steps_per_epoch=1)
     assert table.argmax(axis=0).tolist() == [10, 15, 20, 25, 30] and np.allclose(table.max(axis=0), 1.0)
     peaks = 0.2 + 0.4 * np.arange(10) / 9
     assert np.allclose(np.diag(at("cascade_onecycle", 10, peaks)), 1.0)
@@ -231,7 +232,7 @@ def train_steps(run, epochs):
 
 
 def test_freezeout_in_the_loop_stops_gradients_and_leaves_frozen_weights_bitwise_unchanged(tmp_path):
-    run = Run(compose_config(*TINY, "controller=freezeout", "controller.t0=0.25", "trainer.epochs=4"), tmp_path)
+    run = build_run(compose_config(*TINY, "controller=freezeout", "controller.t0=0.25", "trainer.epochs=4"), tmp_path)
     assert len(run.layers) == 3 and run.plan.total_steps == 16
     frozen_at = run.controller.frozen_at  # t_l = 0.25, 0.625, 1.0 of 16 steps
     assert frozen_at == [4, 10, None]
@@ -249,7 +250,7 @@ def test_freezeout_in_the_loop_stops_gradients_and_leaves_frozen_weights_bitwise
 
 
 def test_unfreeze_in_the_loop_trains_the_expected_layers(tmp_path):
-    run = Run(compose_config(*TINY, "controller=unfreeze", "controller.direction=first_to_last",
+    run = build_run(compose_config(*TINY, "controller=unfreeze", "controller.direction=first_to_last",
                              "trainer.epochs=4"), tmp_path)
     had_grad, weights, masks = train_steps(run, 4)
     for step in range(16):
@@ -268,7 +269,7 @@ def test_unfreeze_in_the_loop_trains_the_expected_layers(tmp_path):
     ("soft_freeze", ["schedule=cosine"]),
 ])
 def test_llr_csv_is_the_formula_at_every_row(tmp_run_dir_factory, name, overrides):
-    from meta_llr.train import train
+    from meta_llr.run import train
 
     cfg = compose_config(*TINY, f"controller={name}", "trainer.trace_every=1", *overrides)
     out = tmp_run_dir_factory()

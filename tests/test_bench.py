@@ -12,7 +12,7 @@ import torch
 
 from meta_llr import bench
 from meta_llr.errors import UserError
-from meta_llr.interface import available
+from meta_llr.registry import available
 
 REQUIRED = {"model", "controller", "device", "batch", "step_ms_median", "step_ms_p10", "step_ms_p90",
             "images_per_s", "ratio_to_bare", "extra_state_bytes", "param_bytes", "target", "meets_target",
@@ -62,8 +62,7 @@ def test_the_mlp_param_bytes_and_prev_buffer_are_counted(tmp_path):
     registry = available()
     name = next((n for n, c in registry.items() if {"grad_dot_prev_update", "update_norm"} & set(c.needs)), None)
     controllers = ["uniform"] + ([name] if name else [])
-    with bench.shared_data():
-        variants, batches, probe = bench.build_variants("mlp", controllers, args, registry, tmp_path)
+    variants, batches, probe = bench.build_variants("mlp", controllers, args, registry, tmp_path)
     expected = 4 * ((3072 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10))
     assert bench.param_bytes(probe.model) == expected
     num_layers = len(probe.layers)
@@ -71,14 +70,6 @@ def test_the_mlp_param_bytes_and_prev_buffer_are_counted(tmp_path):
     if name:  # the loop's prev buffer alone is one copy of the parameters
         assert bench.extra_state_bytes(variants[2].run) >= expected
     assert len(batches) == 4 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][0].dtype == torch.uint8
-
-
-def test_percentile_matches_numpy():
-    import numpy as np
-
-    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
-    for q in (10, 50, 90):
-        assert bench.percentile(values, q) == pytest.approx(np.percentile(values, q))
 
 
 def test_model_names_and_targets():
@@ -129,17 +120,3 @@ def test_per_step_launches_grow_with_param_groups_only(tmp_path):
     for name, values in constant.items():
         assert len(values) == 2 and values[0] == values[1], (name, values)
     assert constant["uniform"][0] <= 8
-
-
-def test_median_ci_uses_the_binomial_order_statistics():
-    """The interval's ranks match scipy's binomial distribution and hold >= 95% coverage."""
-    from scipy import stats
-
-    for n in (6, 10, 24, 101):
-        values = list(range(n, 0, -1))  # any order: the CI is on the sorted values
-        low, high = bench.median_ci(values)
-        k = low                      # values are 1..n, so the k-th smallest is k
-        assert high == n + 1 - k
-        assert stats.binom.cdf(k - 1, n, 0.5) <= 0.025 < stats.binom.cdf(k, n, 0.5)
-        assert 1 - 2 * stats.binom.cdf(k - 1, n, 0.5) >= 0.95
-    assert bench.median_ci([1.0] * 5) is None  # n = 5: even (min, max) covers only 94%

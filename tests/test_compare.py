@@ -8,7 +8,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from meta_llr.compare import compare, first_reaching, hedges_g, holm, loss_auc, main, mean_ci
+from meta_llr.compare import compare, first_reaching, loss_auc, main
 from meta_llr.errors import UserError
 from meta_llr.runs import find_runs
 
@@ -93,18 +93,16 @@ def test_group_statistics_match_scipy(study):
     assert rows["fast"]["hedges_g"] == pytest.approx((1 - 3 / (4 * 6 - 9)) * (a.mean() - b.mean()) / pooled)
 
 
-def test_holm_hand_computed():
-    # sorted p: 0.01, 0.02, 0.03, 0.2 with m = 4 -> 0.04, 0.06, 0.06 (monotone), 0.2
-    assert holm([0.03, 0.2, 0.01, 0.02]) == pytest.approx([0.06, 0.2, 0.04, 0.06])
-    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
-    adjusted = holm([0.01, float("nan"), 0.04])  # NaN does not count in m
-    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
-
-
-def test_mean_ci_and_effect_size_edge_cases():
-    assert mean_ci([0.5])["mean"] == 0.5 and math.isnan(mean_ci([0.5])["ci_low"])
-    assert mean_ci([])["n"] == 0
-    assert math.isnan(hedges_g([1.0], [1.0, 2.0]))
+def test_no_variance_is_nan_with_a_note(tmp_path):
+    """Every run of both groups with the same final accuracy: no t-test (p NaN, not 0), a note says why."""
+    for name, final in (("uniform", 0.9), ("same", 0.95)):
+        for seed in range(3):
+            make_run(tmp_path, f"{name}-s{seed}", name, seed, accs=(0.5, 0.8, final))
+    comparison = compare(find_runs(tmp_path), baseline="uniform")
+    row = next(r for r in comparison.rows if r["group"] == "same")
+    assert math.isnan(row["t"]) and math.isnan(row["p"]) and math.isnan(row["p_holm"])
+    assert row["diff"] == pytest.approx(0.05)
+    assert any("same vs uniform" in note and "no variance" in note for note in comparison.settings[0].notes)
 
 
 def test_steps_to_target_and_auc_on_constructed_curve():

@@ -13,8 +13,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import meta_llr.data as data_mod
-from meta_llr.data import Dataset, Split, augment, load_data, read_cifar, stratified_holdout
+import meta_llr.data.cifar as cifar_mod
+import meta_llr.data.imagefolder as imagefolder_mod
+from meta_llr.data import (SOURCES, AugmentConfig, DataConfig, Dataset, DigitsConfig, ImageFolderConfig, Split,
+                           SyntheticConfig, augment, load_data, read_cifar, stratified_holdout)
 from meta_llr.errors import UserError
+from meta_llr.options import check_section
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +29,7 @@ def _private_cache(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise OSError("network disabled in tests")
 
-    monkeypatch.setattr(data_mod, "_download_archive", no_network)
+    monkeypatch.setattr(cifar_mod, "_download_archive", no_network)
 
 
 def one_line_error(excinfo) -> str:
@@ -134,23 +138,101 @@ def test_synthetic():
 # --------------------------------------------------------------------------- configs
 
 
-def test_every_data_yaml_names_itself_and_has_augment_block():
-    folder = files("meta_llr.conf").joinpath("data")
-    names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-    assert names == sorted(data_mod.DATASET_NAMES)
-    for name in names:
-        cfg = OmegaConf.load(str(folder.joinpath(f"{name}.yaml")))
-        assert cfg.name == name
-        assert set(cfg.augment) == {"crop_pad", "flip"}
+def test_sources_name_themselves_and_share_the_common_options():
+    assert tuple(SOURCES) == data_mod.DATASET_NAMES
+    for name, cls in SOURCES.items():
+        cfg = cls()
+        assert issubclass(cls, DataConfig) and cfg.name == name and cls.section == "data"
+        assert isinstance(cfg.augment, AugmentConfig) and AugmentConfig.section == "data.augment"
         assert cfg.val_size == 0 and cfg.split_seed == 0
-    assert OmegaConf.load(str(folder.joinpath("digits.yaml"))).augment == {"crop_pad": 0, "flip": False}
+        expected_augment = (0, False) if name == "digits" else (4, True)
+        assert (cfg.augment.crop_pad, cfg.augment.flip) == expected_augment
+        assert cls().augment is not cfg.augment  # one AugmentConfig per instance
 
 
-def test_load_data_accepts_a_dictconfig():
-    cfg = OmegaConf.load(str(files("meta_llr.conf").joinpath("data").joinpath("synthetic.yaml")))
-    cfg.train_size, cfg.test_size, cfg.size = 16, 8, 4
-    d = load_data(cfg)
-    assert d.train.x.shape == (16, 3, 4, 4)
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_source_defaults_pass_check_section(name):
+    cls = SOURCES[name]
+    check_section(cls())
+    check_section(OmegaConf.structured(cls))  # the typed node Hydra's ConfigStore would hold
+
+
+# The options and defaults of meta_llr/conf/data/<name>.yaml before the configs became dataclasses.
+FORMER_YAML = {
+    "digits": {"name": "digits", "test_size": 360, "split_seed": 0, "val_size": 0, "augment": {"crop_pad": 0, "flip": False}},
+    "cifar10": {"name": "cifar10", "root": None, "download": True, "val_size": 0, "split_seed": 0,
+                "augment": {"crop_pad": 4, "flip": True}},
+    "cifar100": {"name": "cifar100", "root": None, "download": True, "fine_labels": True, "val_size": 0, "split_seed": 0,
+                 "augment": {"crop_pad": 4, "flip": True}},
+    "imagefolder": {"name": "imagefolder", "path": None, "channels": 3, "cache": True, "root": None, "workers": 2,
+                    "val_size": 0, "split_seed": 0, "augment": {"crop_pad": 4, "flip": True}},
+    "synthetic": {"name": "synthetic", "channels": 3, "size": 32, "classes": 10, "train_size": 2048, "test_size": 512,
+                  "seed": 0, "val_size": 0, "split_seed": 0, "augment": {"crop_pad": 4, "flip": True}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_source_defaults_equal_the_former_yaml(name):
+    assert OmegaConf.to_container(OmegaConf.structured(SOURCES[name])) == FORMER_YAML[name]
+
+
+BAD_VALUES = [
+    ("digits", {"val_size": -1}, "data.val_size=-1"),
+    ("digits", {"augment": {"crop_pad": -1}}, "data.augment.crop_pad=-1"),
+    ("digits", {"test_size": 0}, "data.test_size=0"),
+    ("digits", {"test_size": 1797}, "data.test_size=1797"),
+    ("digits", {"split_seed": -1}, "data.split_seed=-1"),
+    ("digits", {"val_size": 1437}, "data.val_size=1437"),  # validate(): train images left by test_size
+    ("cifar10", {"val_size": 50000}, "data.val_size=50000"),
+    ("cifar100", {"augment": {"crop_pad": -4}}, "data.augment.crop_pad=-4"),
+    ("imagefolder", {"channels": 2}, "data.channels=2"),
+    ("imagefolder", {"workers": -1}, "data.workers=-1"),
+    ("synthetic", {"classes": 1}, "data.classes=1"),
+    ("synthetic", {"size": 0}, "data.size=0"),
+    ("synthetic", {"train_size": 16, "val_size": 16}, "data.val_size=16"),
+]
+
+
+@pytest.mark.parametrize("name, bad, key", BAD_VALUES, ids=[k for _, _, k in BAD_VALUES])
+def test_out_of_range_values_name_the_key(name, bad, key):
+    cls = SOURCES[name]
+    kwargs = {k: AugmentConfig(**v) if k == "augment" else v for k, v in bad.items()}
+    with pytest.raises(UserError) as e:
+        check_section(cls(**kwargs))
+    assert one_line_error(e).startswith(f"{key} is out of range; allowed: ")
+    # load_data checks before it reads anything (imagefolder has no path here).
+    with pytest.raises(UserError) as e:
+        load_data({"name": name, **bad})
+    assert one_line_error(e).startswith(f"{key} is out of range")
+
+
+def test_wrong_type_or_unknown_option_is_a_one_line_error():
+    with pytest.raises(UserError) as e:
+        load_data({"name": "digits", "val_size": "abc"})
+    assert one_line_error(e).startswith("data.val_size: ")
+    with pytest.raises(UserError) as e:
+        load_data({"name": "digits", "valsize": 3})
+    msg = one_line_error(e)
+    assert msg.startswith("data.valsize: ") and "test_size" in msg
+    with pytest.raises(UserError) as e:
+        load_data({"name": "digits", "augment": {"flop": True}})
+    msg = one_line_error(e)
+    assert msg.startswith("data.augment.flop: ") and "crop_pad, flip" in msg
+    assert len(load_data({"name": "digits", "val_size": "5"}).val) == 5  # as the CLI passes it
+
+
+def test_load_data_accepts_a_dictconfig_and_a_dataclass():
+    small = {"train_size": 16, "test_size": 8, "size": 4}
+    untyped = OmegaConf.create({**OmegaConf.to_container(OmegaConf.structured(SyntheticConfig)), **small})
+    typed = OmegaConf.merge(OmegaConf.structured(SyntheticConfig), small)
+    instance = SyntheticConfig(**small)
+    loaded = [load_data(cfg) for cfg in (untyped, typed, instance, {"name": "synthetic", **small})]
+    assert loaded[0].train.x.shape == (16, 3, 4, 4)
+    for d in loaded[1:]:
+        assert torch.equal(d.train.x, loaded[0].train.x) and torch.equal(d.test.y, loaded[0].test.y)
+    d = load_data(DigitsConfig(val_size=10))
+    assert d.name == "digits" and len(d.val) == 10
+    assert load_data(None).name == "digits"
 
 
 # --------------------------------------------------------------------------- imagefolder
@@ -229,7 +311,7 @@ def test_imagefolder_png_tree_and_cache(tmp_path, monkeypatch):
     def must_not_decode(*a, **k):
         raise AssertionError("second load must come from the cache")
 
-    monkeypatch.setattr(data_mod, "read_imagefolder", must_not_decode)
+    monkeypatch.setattr(imagefolder_mod, "read_imagefolder", must_not_decode)
     again = load_data(cfg)
     check_known(again)
     assert torch.equal(again.train.x, d.train.x) and again.classes == d.classes
@@ -273,7 +355,7 @@ def test_imagefolder_one_zip_per_split_with_pool(tmp_path, monkeypatch):
     data.mkdir()
     write_zip(data / "b-test.zip", [("test", TEST_COLOURS)])
     write_zip(data / "a-train.zip", [("train", COLOURS)])
-    monkeypatch.setattr(data_mod, "_POOL_MIN_ITEMS", 0)  # exercise the 2-process decoder
+    monkeypatch.setattr(imagefolder_mod, "_POOL_MIN_ITEMS", 0)  # exercise the 2-process decoder
     check_known(load_data({"name": "imagefolder", "path": str(data), "workers": 2, "root": str(tmp_path / "c")}))
 
 
@@ -291,9 +373,18 @@ def test_imagefolder_errors(tmp_path):
     assert one_line_error(e) == (
         f"data.path '{tmp_path / 'nope'}' does not exist; pass data.path=DIR holding train/ and test/ folders or zips"
     )
+    for missing in (None, "???", " "):
+        with pytest.raises(UserError) as e:
+            load_data({"name": "imagefolder", "path": missing})
+        assert "data=imagefolder needs data.path=DIR" in one_line_error(e)
     with pytest.raises(UserError) as e:
-        load_data({"name": "imagefolder", "path": None})
-    assert "data=imagefolder needs data.path=DIR" in one_line_error(e)
+        check_section(ImageFolderConfig(path=str(tmp_path), channels=2))
+    assert one_line_error(e) == "data.channels=2 is out of range; allowed: one of 1, 3"
+
+    # val_size against the train images: known only once the tree is read.
+    with pytest.raises(UserError) as e:
+        load_data({"name": "imagefolder", "path": str(write_tree(tmp_path / "six")), "val_size": 6, "cache": False})
+    assert one_line_error(e).startswith("data.val_size=6 is invalid for 6 training examples of 'imagefolder'")
 
     only_train = write_tree(tmp_path / "only_train", splits=(("train", COLOURS),))
     (only_train / "valid").mkdir()

@@ -47,7 +47,7 @@ def test_curvature_matches_double_backward_hessian_vector_product():
 
 
 def test_curvature_probe_runs_on_resnet_with_batchnorm(make_config, tmp_path):
-    from meta_llr.train import train
+    from meta_llr.run import train
     from tests.conftest import TINY
     base = [o for o in TINY if not o.startswith("model")]
     run_dir = tmp_path / "resnet"
@@ -68,7 +68,7 @@ def test_curvature_probe_runs_on_resnet_with_batchnorm(make_config, tmp_path):
 
 def test_curvature_every_is_checked(make_config):
     from meta_llr.errors import UserError
-    from meta_llr.train import Run
+    from meta_llr.run import build_run
     from tests.conftest import TINY
     with pytest.raises(UserError, match="curvature_every"):
-        Run(make_config(*TINY, "diagnostics.curvature_every=-1"), "/tmp/unused_curvature_check")
+        build_run(make_config(*TINY, "diagnostics.curvature_every=-1"), "/tmp/unused_curvature_check")

@@ -1,4 +1,5 @@
-"""export: fewest-knot fits with known answers; replay: round trip, depth mapping, clear errors."""
+"""export: fewest-knot fits with known answers; curve files (meta_llr.curves); replay: round trip,
+depth mapping, clear errors."""
 import csv
 import json
 
@@ -6,9 +7,11 @@ import numpy as np
 import pytest
 
 from meta_llr.errors import UserError
-from meta_llr.export import export_run, fit_layer, fewest_knots, load_schedule, main
+from meta_llr.curves import (FORMAT, check_curve, evaluate, evaluate_all, layer_scales, load_curve, match_layers,
+                             new_curve, write_curve)
+from meta_llr.export import export_run, fit_layer, fewest_knots, main
 from meta_llr.runs import read_run
-from meta_llr.train import Run
+from meta_llr.run import build_run
 from baselines.replay import Replay
 from tests.conftest import TINY
 
@@ -63,30 +66,32 @@ def test_export_replay_round_trip(tiny_run, tmp_path):
                for i in range(len(names))]
     write_trace(tmp_path / "source", names, progress, columns)
     tol = 0.05
-    assert main([str(tmp_path / "source"), "--tol", str(tol), "--out", str(tmp_path / "s.json")]) == 0
-    assert (tmp_path / "s.png").stat().st_size > 1000
-    schedule = load_schedule(tmp_path / "s.json")
-    assert [layer["name"] for layer in schedule["layers"]] == names
-    assert schedule["tolerance"] == tol and schedule["controller"] == "made_up"
+    assert main([str(tmp_path / "source"), "--tol", str(tol)]) == 0   # default: RUN_DIR/curve.json + curve.png
+    assert (tmp_path / "source" / "curve.png").stat().st_size > 1000
+    curve = load_curve(tmp_path / "source" / "curve.json")
+    assert curve["format"] == FORMAT == "meta_llr.curve/1"
+    assert [layer["name"] for layer in curve["layers"]] == names
+    assert curve["tolerance"] == tol and curve["controller"] == "made_up"
 
-    summary, replayed = tiny_run("controller=replay", f"controller.schedule={tmp_path / 's.json'}", name="replay")
+    summary, replayed = tiny_run("controller=replay", f"controller.curve={tmp_path / 'source' / 'curve.json'}",
+                                 name="replay")
     assert summary["status"] == "finished"
     _, replay_trace = read_run(replayed).trace
     assert len(replay_trace) == steps
-    for index, layer in enumerate(schedule["layers"]):
+    for index, layer in enumerate(curve["layers"]):
         exported = np.interp(replay_trace[:, 1], layer["knots"], layer["values"])
         assert replay_trace[:, 3 + index] == pytest.approx(exported, abs=1e-6)
         spread = columns[index].max() - columns[index].min()
         assert np.abs(replay_trace[:, 3 + index] - columns[index]).max() <= tol * spread + 1e-6
 
 
-def replay_overrides(schedule, *extra):
-    return [*TINY, "model.depth=3", "controller=replay", f"controller.schedule={schedule}", *extra]
+def replay_overrides(curve, *extra):
+    return [*TINY, "model.depth=3", "controller=replay", f"controller.curve={curve}", *extra]
 
 
 def test_replay_by_depth_and_mismatch_errors(tmp_path, make_config):
-    schedule = Replay.example_options(tmp_path)["schedule"]  # 2 layers: 1.5 -> 0.5 and 0.5 -> 1.5
-    run = Run(make_config(*replay_overrides(schedule, "controller.match=depth")), tmp_path / "a")
+    curve = Replay.example_options(tmp_path)["curve"]  # 2 layers: 1.5 -> 0.5 and 0.5 -> 1.5
+    run = build_run(make_config(*replay_overrides(curve, "controller.match=depth")), tmp_path / "a")
     depth = np.array([layer.depth for layer in run.layers])
     total = run.plan.total_steps
     p = np.arange(total) / total
@@ -96,11 +101,11 @@ def test_replay_by_depth_and_mismatch_errors(tmp_path, make_config):
     assert len(depth) == 4 and table == pytest.approx(expected, abs=1e-6)
 
     with pytest.raises(UserError, match="has 2 layers but the model has 4.*match=depth"):
-        Run(make_config(*replay_overrides(schedule)), tmp_path / "b")
-    with pytest.raises(UserError, match="needs a schedule file"):
-        Run(make_config(*TINY, "controller=replay"), tmp_path / "c")
+        build_run(make_config(*replay_overrides(curve)), tmp_path / "b")
+    with pytest.raises(UserError, match="needs a curve file: controller.curve=PATH"):
+        build_run(make_config(*TINY, "controller=replay"), tmp_path / "c")
     with pytest.raises(UserError, match="not found"):
-        Run(make_config(*replay_overrides(tmp_path / "none.json")), tmp_path / "d")
+        build_run(make_config(*replay_overrides(tmp_path / "none.json")), tmp_path / "d")
 
 
 def test_export_errors_are_one_line(tmp_path, capsys):
@@ -111,3 +116,53 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="--tol must be > 0"):
         export_run(tmp_path / "empty", tol=0)
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_curve_files_are_checked_and_evaluated(tmp_path):
+    layers = [{"name": "a", "depth": 0.0, "knots": [0.0, 0.5], "values": [2.0, 1.0]},
+              {"name": "b", "depth": 1.0, "knots": [0.25, 1.0], "values": [0.0, 3.0]}]
+    path = write_curve(tmp_path / "sub" / "c.json", new_curve(layers, controller="made_up", tolerance=0.0))
+    curve = load_curve(path)
+    assert list(curve) == ["format", "controller", "tolerance", "x", "layers"] and curve["layers"] == layers
+    # linear between knots, constant outside them
+    assert evaluate(curve["layers"][0], [0.0, 0.25, 0.5, 0.9]) == pytest.approx([2.0, 1.5, 1.0, 1.0])
+    p = np.array([0.0, 0.625, 1.0])
+    table = evaluate_all(curve, p)
+    assert table == pytest.approx(np.array([[2.0, 0.0], [1.0, 1.5], [1.0, 3.0]]))
+    assert match_layers(curve, ["a", "b"], [0.0, 1.0]) is None
+    weights = match_layers(curve, ["x", "y", "z"], [0.0, 0.5, 1.0], match="depth")
+    assert weights == pytest.approx(np.array([[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]]))
+    assert layer_scales(curve, p, weights)[:, 1] == pytest.approx(table.mean(axis=1))
+    with pytest.raises(UserError, match="names layer 1 'b' but the model calls it 'c'.*controller.match=depth"):
+        match_layers(curve, ["a", "c"], [0.0, 1.0])
+    with pytest.raises(UserError, match="controller.match must be name or depth"):
+        match_layers(curve, ["a", "b"], [0.0, 1.0], match="index")
+
+    # files exported before the rename (format meta_llr.schedule/1) read the same
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "meta_llr.schedule/1", "layers": layers}))
+    assert load_curve(old)["layers"] == layers
+
+    bad = tmp_path / "bad.json"
+    for content, message in [
+        ("{", "not readable JSON"),
+        ("[1, 2]", "is not a meta_llr curve"),
+        (json.dumps({"format": "other/1", "layers": layers}), "is not a meta_llr curve"),
+        (json.dumps({"format": FORMAT, "layers": [{"name": "a", "knots": [0.5, 0.0], "values": [1, 1]}]}),
+         "layer a needs increasing knots"),
+        (json.dumps({"format": FORMAT, "layers": [{"name": "a", "knots": [0.0], "values": [1, 2]}]}),
+         "layer a needs increasing knots and one value per knot"),
+        (json.dumps({"format": FORMAT, "layers": [{"name": "a", "knots": [0.0], "values": [-1]}]}),
+         "layer a has negative or non-finite values"),
+        (json.dumps({"format": FORMAT, "layers": [{"name": "a", "depth": 2, "knots": [0.0], "values": [1]}]}),
+         "layer a has depth 2"),
+    ]:
+        bad.write_text(content)
+        with pytest.raises(UserError, match=message):
+            load_curve(bad)
+    with pytest.raises(UserError, match="not found.*meta_llr.export"):
+        load_curve(tmp_path / "none.json")
+    with pytest.raises(UserError, match="negative or non-finite"):
+        write_curve(tmp_path / "nan.json", new_curve([{"name": "a", "knots": [0.0], "values": [float("nan")]}]))
+    assert not (tmp_path / "nan.json").exists()
+    assert check_curve(curve) is curve

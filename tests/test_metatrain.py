@@ -70,7 +70,7 @@ def test_cli_writes_weights_that_plug_into_a_frozen_run(tmp_path, capsys):
     assert len(rows) == 1 and np.isfinite(rows[0]["objective"]) and np.isfinite(rows[0]["center_objective"])
     assert rows[0]["objective"] == pytest.approx((rows[0]["objective_plus"] + rows[0]["objective_minus"]) / 2)
 
-    from meta_llr.train import train
+    from meta_llr.run import train
     cfg = compose_config(*TINY, "controller=rnn_meta", "controller.learn=off", f"controller.weights={out / 'weights.pt'}")
     summary = train(cfg, tmp_path / "frozen")
     assert summary["status"] == "finished"

@@ -8,9 +8,8 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from meta_llr.errors import UserError
-from meta_llr.models import MODELS, BasicBlock, build_model, model_options
+from meta_llr.models import MODEL_CONFIGS, MODELS, BasicBlock, build_model
 
-CONF = Path(__file__).resolve().parents[1] / "meta_llr" / "conf" / "model"
 NAMES = ["fastnet", "mlp", "plain", "resnet", "resnet18", "shallow"]
 SMALL = {"fastnet": {"widths": [8, 16, 16]}, "mlp": {"hidden": 16}, "plain": {"width": 4},
          "resnet": {"width": 4}, "resnet18": {"width": 4}, "shallow": {"width": 4}}
@@ -179,16 +178,16 @@ def test_unknown_model():
 
 
 @pytest.mark.parametrize("name,options,words", [
-    ("resnet", {"depth": 21}, ["depth=21", "6n+2", "depth=20"]),
-    ("resnet", {"depth": 2}, ["depth=2", "6n+2"]),
-    ("plain", {"depth": 3}, ["depth=3", "depth >= 4"]),
-    ("resnet", {"shortcut": "B"}, ["shortcut", "pad"]),
-    ("resnet", {"dpeth": 20}, ["'dpeth'", "depth, shortcut, width"]),
-    ("resnet18", {"depth": 18}, ["'depth'", "width"]),
-    ("mlp", {"hidden": "wide"}, ["hidden='wide'", "hidden=256"]),
-    ("mlp", {"depth": True}, ["depth=True"]),
-    ("fastnet", {"widths": []}, ["widths=[]", "widths=[64, 256, 256]"]),
-    ("shallow", {"width": 0}, ["width=0"]),
+    ("resnet", {"depth": 21}, ["model.depth=21", "6n+2", "20"]),
+    ("resnet", {"depth": 2}, ["model.depth=2", ">= 8"]),
+    ("plain", {"depth": 3}, ["model.depth=3", ">= 4"]),
+    ("resnet", {"shortcut": "B"}, ["model.shortcut=B", "conv, pad"]),
+    ("resnet", {"dpeth": 20}, ["model.dpeth", "depth, shortcut, width"]),
+    ("resnet18", {"depth": 18}, ["model.depth", "width"]),
+    ("mlp", {"hidden": "wide"}, ["model.hidden=wide", "Integer"]),
+    ("mlp", {"depth": 1.5}, ["model.depth=1.5", "Integer"]),
+    ("fastnet", {"widths": []}, ["model.widths=[]", "at least 1"]),
+    ("shallow", {"width": 0}, ["model.width=0"]),
 ])
 def test_bad_options(name, options, words):
     msg = one_line_error(lambda: build_model(name, 1, 8, 10, **options))
@@ -203,10 +202,16 @@ def test_bad_sizes():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_configs_match_defaults(name):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    """The typed config's defaults are the model's: one declaration builds the default model."""
+    import inspect
+
+    cfg = OmegaConf.structured(MODEL_CONFIGS[name])
     assert cfg.name == name
     options = {k: v for k, v in cfg.items() if k != "name"}
-    assert OmegaConf.to_container(OmegaConf.create(options)) == model_options(name)
+    signature = inspect.signature(MODELS[name]).parameters
+    for key, value in OmegaConf.to_container(OmegaConf.create(options)).items():
+        default = signature[key].default
+        assert value == (list(default) if isinstance(default, tuple) else default), key
     # how the caller passes a config: lists arrive as ListConfig
     if name == "fastnet":
         options["widths"] = OmegaConf.create([8, 16, 16])

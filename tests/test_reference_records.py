@@ -14,9 +14,9 @@ REFERENCE = Path(__file__).parent / "fixtures" / "reference"
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_records_equal_the_reference(name, tmp_path):
-    from meta_llr.train import Run
+    from meta_llr.run import build_run
 
-    run = Run(compose_config(*COMMON, *CASES[name]), tmp_path)
+    run = build_run(compose_config(*COMMON, *CASES[name]), tmp_path)
     run.fit()
     expected = json.loads((REFERENCE / f"{name}.json").read_text())
     got = records_of(tmp_path)

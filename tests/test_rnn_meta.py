@@ -10,9 +10,9 @@ from torch import nn
 from baselines.uniform import Uniform
 from controllers.rnn_meta import RNNMeta
 from meta_llr.errors import UserError
-from meta_llr.interface import Layer, Plan
-from meta_llr.metatrain import unrolled_hypergradient
-from meta_llr.train import Run
+from meta_llr.interface import Layer, Lookahead, Plan
+from meta_llr.lookahead import unrolled_hypergradient
+from meta_llr.run import build_run
 from tests.conftest import TINY, compose_config
 
 CURVATURES = (1.0, 10.0, 100.0)
@@ -85,7 +85,7 @@ def test_initial_scales_are_the_baseline_and_bounded():
 def test_hypergradient_statistic_matches_finite_differences_of_the_next_step_loss(tmp_path):
     """∂L(t+1)/∂log s_l(t) = g_l(t+1)·u_l(t): the loop's ``grad_dot_prev_update`` (plain SGD)."""
     cfg = compose_config(*TINY, "controller=rnn_meta", "trainer.momentum=0", "trainer.weight_decay=0")
-    run = Run(cfg, tmp_path)
+    run = build_run(cfg, tmp_path)
     seen = {}
     observe = run.controller.observe
     run.controller.observe = lambda step, stats: (seen.__setitem__(step, dict(stats)), observe(step, stats))
@@ -183,7 +183,7 @@ def test_learn_off_is_deterministic_and_uses_the_weights(tmp_path):
     for name in ("a", "b"):
         cfg = compose_config(*TINY, "controller=rnn_meta", "controller.learn=off",
                              f"controller.weights={tmp_path / 'weights.pt'}")
-        run = Run(cfg, tmp_path / name)
+        run = build_run(cfg, tmp_path / name)
         for _ in range(run.epochs):
             for x, y in run.batches():
                 run.train_step(x, y)
@@ -198,21 +198,21 @@ def test_learn_off_is_deterministic_and_uses_the_weights(tmp_path):
 def test_unrolled_mode_through_the_api(tmp_path):
     cfg = compose_config(*TINY, "controller=rnn_meta", "controller.learn=unrolled", "controller.meta_every=2",
                          "controller.unroll=2", "controller.horizon=1")
-    run = Run(cfg, tmp_path / "unrolled")
+    run = build_run(cfg, tmp_path / "unrolled")
     x_all, y_all = run.train_x, run.train_y
 
-    def sample():
+    def sample(k):
         batches = [(run.normalize(x_all[i * 8:(i + 1) * 8]), y_all[i * 8:(i + 1) * 8]) for i in range(3)]
         return batches[:2], batches[2]
 
-    run.controller.attach_lookahead(run.model, F.cross_entropy, sample)
+    run.controller.attach_lookahead(Lookahead(run.model, F.cross_entropy, sample))
     start = run.controller.flat()
     for x, y in run.batches():
         run.train_step(x, y)
     assert not torch.equal(run.controller.flat(), start)
     assert torch.isfinite(run.controller.current).all()
 
-    plain = Run(cfg, tmp_path / "plain")   # no validation split to draw from: one line naming the fix
+    plain = build_run(cfg, tmp_path / "plain")   # no validation split to draw from: one line naming the fix
     with pytest.raises(UserError, match="data.val_size"):
         for x, y in plain.batches():
             plain.train_step(x, y)
@@ -224,7 +224,7 @@ def test_unrolled_mode_in_the_loop_with_batchnorm(tmp_path):
     cfg = compose_config(*tiny, "model=shallow", "model.width=4", "data.val_size=16", "controller=rnn_meta",
                          "controller.learn=unrolled", "controller.meta_every=2", "controller.unroll=2",
                          "controller.horizon=1")
-    run = Run(cfg, tmp_path)
+    run = build_run(cfg, tmp_path)
     start = run.controller.flat()
     running_mean = [b.clone() for n, b in run.model.named_buffers() if n.endswith("running_mean")]
     x, y = next(iter(run.batches()))
@@ -245,11 +245,11 @@ def test_every_two_steps_still_learns_the_ordering():
     assert loss < 0.01 * Quadratic().run(Uniform())
 
 
-def test_replayed_baseline_schedule_from_an_llr_csv(tmp_path):
+def test_replayed_baseline_curve_from_an_llr_csv(tmp_path):
     """A neutral learner (zero output weights, symmetric bounds: offset 0) replays llr.csv exactly."""
     path = tmp_path / "llr.csv"
     path.write_text("step,progress,global_lr,q0,q1,q2\n0,0.0,0.018,2.0,1.0,0.5\n5,0.5,0.018,1.0,1.0,0.25\n")
-    controller = RNNMeta(learn="off", baseline_schedule=str(path))
+    controller = RNNMeta(learn="off", baseline_curve=str(path))
     controller.learner.head.weight.data.zero_()
     quad = Quadratic(steps=10)
     controller.setup(quad.layers, quad.plan)
@@ -264,12 +264,12 @@ def test_replayed_baseline_schedule_from_an_llr_csv(tmp_path):
     with pytest.raises(UserError, match="layer columns"):
         bad = tmp_path / "bad.csv"
         bad.write_text("step,progress,global_lr,q0\n0,0.0,0.1,1.0\n")
-        RNNMeta(baseline_schedule=str(bad)).setup(quad.layers, quad.plan)
+        RNNMeta(baseline_curve=str(bad)).setup(quad.layers, quad.plan)
 
-    exported = tmp_path / "schedule.json"   # meta_llr.export's format: piecewise linear in progress
-    exported.write_text(json.dumps({"format": "meta_llr.schedule/1", "layers": [
+    exported = tmp_path / "curve.json"   # a meta_llr.curves file: piecewise linear in progress
+    exported.write_text(json.dumps({"format": "meta_llr.curve/1", "layers": [
         {"name": f"q{i}", "knots": [0.0, 0.5], "values": [1.0, v]} for i, v in enumerate((3.0, 1.0, 0.5))]}))
-    controller = RNNMeta(learn="off", baseline_schedule=str(exported))
+    controller = RNNMeta(learn="off", baseline_curve=str(exported))
     controller.learner.head.weight.data.zero_()
     controller.setup(quad.layers, quad.plan)
     assert torch.allclose(controller.log_base[2].exp(), torch.tensor([1.8, 1.0, 0.8]))   # p = 0.2

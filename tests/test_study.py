@@ -6,9 +6,10 @@ import pytest
 import yaml
 from scipy import stats
 
-from meta_llr.compare import holm, loss_auc
+from meta_llr.compare import loss_auc
 from meta_llr.errors import UserError
-from meta_llr.study import load_study, main, report_study, run_study, welch_interval
+from meta_llr.stats import holm, welch_interval
+from meta_llr.study import load_study, main, report_study, run_study
 from tests.test_compare import make_run
 
 STUDY = {
@@ -119,6 +120,18 @@ def test_verdicts_on_known_numbers(study_file, tmp_path):
     text = path.read_text()
     assert "| H_fast |" in text and "**supported**" in text and "**contradicted**" in text
     assert (path.parent / "compare.md").exists() and (path.parent / "compare.csv").exists()
+
+
+def test_arms_without_variance_are_inconclusive_not_significant(study_file, tmp_path):
+    """Every run of both arms with the same number: no p-value is made up; the reason is given."""
+    for arm, acc in (("uniform", 0.90), ("fast", 0.95), ("slow", 0.85)):
+        for seed in range(3):
+            make_run(tmp_path / "known", f"{arm}-s{seed}", "uniform" if arm == "uniform" else "depth_linear",
+                     seed, accs=(0.6, 0.8, acc), arm=arm)
+    _, results = report_study(load_study(str(study_file)), root=tmp_path, figures=False)
+    for r in results:
+        assert r["verdict"] == "inconclusive" and "no variance" in r["why"], r["why"]
+        assert math.isnan(r["p_support"]) and math.isnan(r["p_contra"]) and math.isnan(r["diff_ci"][0])
 
 
 def test_too_few_runs_is_inconclusive_and_cli_errors(study_file, tmp_path, capsys):

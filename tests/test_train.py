@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from meta_llr.train import Run, train
+from meta_llr.run import build_run, train
 from tests.conftest import TINY, compose_config
 
 
@@ -15,16 +15,16 @@ def test_digits_reaches_90_percent(tmp_path):
 
 def test_resume_mid_epoch_is_exact(tmp_path):
     cfg = compose_config(*TINY, "trainer.epochs=3")
-    straight = Run(cfg, tmp_path / "a")
+    straight = build_run(cfg, tmp_path / "a")
     straight.fit()
 
-    interrupted = Run(cfg, tmp_path / "b")
+    interrupted = build_run(cfg, tmp_path / "b")
     for i, (x, y) in enumerate(interrupted.batches()):
         interrupted.train_step(x, y)
         if i == 1:
             break
     state = interrupted.state_dict()
-    resumed = Run(cfg, tmp_path / "b")
+    resumed = build_run(cfg, tmp_path / "b")
     resumed.load_state_dict(state)
     resumed.fit()
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
@@ -35,7 +35,7 @@ def test_resume_mid_epoch_is_exact(tmp_path):
 def test_layer_lrs_reach_the_optimizer(tmp_path):
     """With scale 0 on all but the last layer (lr * 0), only the head moves."""
     cfg = compose_config(*TINY, "trainer.weight_decay=0")
-    run = Run(cfg, tmp_path)
+    run = build_run(cfg, tmp_path)
     frozen_scales = torch.tensor([0.0] * (len(run.layers) - 1) + [1.0])
     run.controller.scales = lambda step: frozen_scales
     before = [[p.detach().clone() for p in layer.params] for layer in run.layers]
@@ -50,7 +50,7 @@ def test_layer_lrs_reach_the_optimizer(tmp_path):
 
 def test_grouping_reaches_the_controller(tmp_path):
     cfg = compose_config(*TINY, "model.depth=3", "layers.groups=2")
-    run = Run(cfg, tmp_path)
+    run = build_run(cfg, tmp_path)
     assert len(run.layers) == 2 and run.controller.num_layers == 2
     assert [row["group"] for row in run.layer_rows] == [0, 0, 1, 1]
 
@@ -58,7 +58,7 @@ def test_grouping_reaches_the_controller(tmp_path):
 def test_stats_match_direct_computation(tmp_path):
     """grad_norm, update_norm, weight_norm and grad_dot_prev_update against plain torch."""
     cfg = compose_config(*TINY)
-    run = Run(cfg, tmp_path)
+    run = build_run(cfg, tmp_path)
     run.needs = frozenset({"grad_norm", "update_norm", "weight_norm", "grad_dot_prev_update"})
     run.prev = [torch.zeros_like(p) for p in run.params]
     run.observes = True
@@ -86,7 +86,7 @@ def test_stats_match_direct_computation(tmp_path):
 
 def test_failed_run_keeps_records(tmp_path):
     cfg = compose_config(*TINY)
-    run = Run(cfg, tmp_path)
+    run = build_run(cfg, tmp_path)
 
     def explode(*args):
         raise RuntimeError("boom")
@@ -104,7 +104,7 @@ def test_failed_run_keeps_records(tmp_path):
 def test_statistics_and_updates_build_no_autograd_graph(tmp_path):
     """The loop's update buffer and the statistics stay out of autograd: a graph through them
     would grow by a few nodes per step and keep every step's gradients alive."""
-    run = Run(compose_config(*TINY, "controller=hypergrad"), tmp_path)
+    run = build_run(compose_config(*TINY, "controller=hypergrad"), tmp_path)
     seen = {}
     observe = run.controller.observe
     run.controller.observe = lambda step, stats: (seen.update(stats), observe(step, stats))

@@ -1,0 +1,192 @@
+"""The run configuration: typed sections, registered in Hydra's ConfigStore, composed and checked.
+
+One dataclass per section, each option declared once with its default and range
+(:func:`meta_llr.options.opt`): :class:`TrainerConfig`, :class:`LayersConfig`,
+:class:`DiagnosticsConfig`, :class:`WandbConfig`, :class:`PathsConfig` here, and beside their
+code the groups ``controller`` (:mod:`meta_llr.registry`), ``model`` (:mod:`meta_llr.models`),
+``data`` (:mod:`meta_llr.data`) and ``schedule`` (:mod:`meta_llr.schedules`). The primary
+``meta_llr/conf/config.yaml`` only lists the default of each group and Hydra's own settings.
+
+:func:`compose` gives the resolved config of a list of command-line overrides, checked:
+OmegaConf checks types while composing, :func:`validate` the ranges and cross-field rules;
+both fail with one :class:`~meta_llr.errors.UserError` line. The CLI, the Python API and the
+tests use it; Hydra's own ``@main`` composes the same tree.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from meta_llr.errors import UserError, one_line_config_error
+from meta_llr.options import check_section, fail, opt
+
+GROUPS = ("controller", "model", "data", "schedule")
+
+
+@dataclass
+class TrainerConfig:
+    section: ClassVar[str] = "trainer"
+    epochs: int = opt(10, ge=1, doc="passes over the training set")
+    batch_size: int = opt(128, ge=1)
+    lr: float = opt(0.05, gt=0, doc="base LR: global_lr(t) = lr * schedule(t)")
+    optimizer: str = opt("sgd", choices=("sgd", "adamw"), doc="sgd (momentum, Nesterov) | adamw")
+    momentum: float = opt(0.9, ge=0, lt=1, doc="SGD momentum")
+    nesterov: bool = opt(True, free=True, doc="Nesterov momentum (when momentum > 0)")
+    betas: list[float] = opt([0.9, 0.999], ge=0, lt=1, length=(2, 2), doc="AdamW only")
+    weight_decay: float = opt(5.0e-4, ge=0)
+    decay_1d: bool = opt(True, free=True, doc="weight decay on biases and norm parameters too")
+    label_smoothing: float = opt(0.0, ge=0, lt=1)
+    eval_every: int = opt(1, ge=1, doc="epochs between evaluations (the last epoch is always evaluated)")
+    eval_batch_size: int = opt(1024, ge=1)
+    log_every: int = opt(50, ge=1, doc="steps between progress updates and divergence checks")
+    trace_every: Optional[int] = opt(None, ge=1, nullable=True, doc="steps between llr.csv rows; null: >= 200 rows")
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16"), doc="auto: bf16 autocast on CUDA, fp32 on CPU")
+    compile: bool = opt(False, free=True, doc="torch.compile the model")
+    checkpoint: bool = opt(True, free=True, doc="write checkpoint.pt after every epoch")
+    resume: bool = opt(False, free=True, doc="continue from checkpoint.pt in the run dir")
+
+
+@dataclass
+class LayersConfig:
+    section: ClassVar[str] = "layers"
+    groups: int = opt(0, ge=0, doc="K > 0 merges the layers into K contiguous depth groups")
+
+
+@dataclass
+class DiagnosticsConfig:
+    section: ClassVar[str] = "diagnostics"
+    rotation: bool = opt(True, free=True, doc="layer rotation (one copy of the initial kernels)")
+    curvature_every: int = opt(0, ge=0, doc="N > 0: every N epochs, exact curvature along each layer's step")
+
+
+@dataclass
+class WandbConfig:
+    section: ClassVar[str] = "wandb"
+    project: str = opt("meta_llr", free=True)
+    entity: Optional[str] = opt(None, free=True)
+    group: Optional[str] = opt(None, free=True, doc="null: the study")
+    job_type: Optional[str] = opt(None, free=True, doc="null: the controller name")
+    tags: Optional[list[str]] = opt(None, free=True, doc="null: [controller, model, data]")
+    mode: Optional[str] = opt(None, choices=("online", "offline", "disabled"), nullable=True,
+                              doc="null: WANDB_MODE, else online with an API key and offline without")
+    dir: Optional[str] = opt(None, free=True, doc="null: WANDB_DIR, else the run directory")
+    init_timeout: float = opt(20.0, gt=0, doc="seconds before an online start gives up and logs offline")
+
+
+@dataclass
+class PathsConfig:
+    section: ClassVar[str] = "paths"
+    root: str = opt("runs", free=True, doc="runs/<study>/<run> is where records go")
+
+
+@dataclass
+class Config:
+    """The whole run. ``controller``, ``model``, ``data`` and ``schedule`` are chosen by name
+    (``controller=NAME``) from their ConfigStore groups."""
+
+    section: ClassVar[str] = ""
+    controller: Any = MISSING
+    model: Any = MISSING
+    data: Any = MISSING
+    schedule: Any = MISSING
+    study: str = opt("default", free=True, doc="runs/<study>/... groups related runs")
+    seed: int = opt(0, ge=0)
+    device: str = opt("auto", free=True, doc="auto | cpu | cuda | cuda:N")
+    quiet: bool = opt(False, free=True, doc="no progress bar or layer table (sweeps)")
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    logger: list[str] = opt(["csv"], choices=("csv", "wandb"), length=(1, 2), doc="csv (always) and optionally wandb")
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def validate(self):
+        device = str(self.device)
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            fail("device", device, "auto, cpu, cuda or cuda:N")
+        if not str(self.study) or "/" in str(self.study):
+            fail("study", self.study, "a non-empty name without '/'")
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Fill Hydra's ConfigStore: the root schema, every group's options (once per process)."""
+    global _registered
+    if _registered:
+        return
+    from meta_llr.data import SOURCES
+    from meta_llr.registry import load_all, store
+    from meta_llr.schedules import SCHEDULES
+
+    load_all()  # controllers and models register themselves (and their plugins)
+    store(None, "base_config", Config)
+    for name, config in SOURCES.items():
+        store("data", name, config)
+    for name, config in SCHEDULES.items():
+        store("schedule", name, config)
+    _registered = True
+
+
+def group_options(group: str) -> list[str]:
+    """The names ``group=NAME`` accepts: ConfigStore entries and YAML presets."""
+    from importlib.resources import files
+
+    from hydra.core.config_store import ConfigStore
+
+    register_configs()
+    names = {n[:-5] if n.endswith(".yaml") else n for n in ConfigStore.instance().list(group)}
+    folder = files("meta_llr.conf").joinpath(group)
+    if folder.is_dir():
+        names |= {p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")}
+    return sorted(names)
+
+
+def check_group_choices(overrides: Iterable[str]) -> None:
+    """An unknown ``controller=``/``model=``/``data=``/``schedule=`` name: one line."""
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in GROUPS:
+            valid = group_options(key)
+            for choice in value.split(","):
+                choice = choice.strip()
+                if choice and choice not in valid and not choice.startswith(("choice(", "range(", "glob(")):
+                    raise UserError(f"unknown {key} '{choice}'; valid: {', '.join(valid)}")
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """The checked config for ``overrides`` (as on the command line, without Hydra's own
+    ``hydra.*`` keys); bad input raises one UserError line."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    register_configs()
+    check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    except UserError:
+        raise
+    except Exception as error:  # Hydra/OmegaConf: a wrong type, an unknown key, a bad override
+        raise one_line_config_error(error) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Every range and cross-field rule of the composed config, and the controller's own
+    options (by building it once): one UserError line for the first problem."""
+    from meta_llr.registry import build_controller
+
+    check_section(cfg, Config, "")  # nested sections and the chosen groups' dataclasses too
+    build_controller(cfg.controller)

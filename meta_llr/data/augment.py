@@ -1,0 +1,74 @@
+"""Batched on-device augmentation (random zero-padded crop, random horizontal flip) and its
+config section ``data.augment``.
+
+One pass per batch on the batch's own device: no Python loop over samples and no host-device
+synchronisation; deterministic given the generator state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from meta_llr.options import opt
+
+__all__ = ["AugmentConfig", "augment"]
+
+
+@dataclass
+class AugmentConfig:
+    """``data.augment``: what :func:`augment` does to each training batch."""
+
+    section: ClassVar[str] = "data.augment"
+    crop_pad: int = opt(4, ge=0, doc="random crop: shift each image by up to this many pixels, zeros shifted in; 0: no crop")
+    flip: bool = opt(True, free=True, doc="mirror each image left-right with probability 0.5")
+
+
+def augment(x: torch.Tensor, crop_pad: int, flip: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, batched.
+
+    ``x`` is ``[B, C, H, W]`` (uint8 or float) on any device; ``generator`` must
+    live on the same device (``None`` uses torch's default generator there).
+    Each sample is translated by its own integer offset in ``[-crop_pad, crop_pad]``
+    along each axis, with zeros shifted in (equivalent to zero-padding by
+    ``crop_pad`` and cropping back to ``H x W`` at a random position). Then each
+    sample is mirrored left-right with probability 0.5. One pass for the whole
+    batch: no Python loop over samples and no host-device synchronisation.
+
+    Random draws, in order: crop row starts ``[B]``, crop column starts ``[B]``
+    (both only when ``crop_pad > 0``), flip coin ``[B]`` (only when ``flip``).
+    The result is therefore deterministic given the generator state.
+
+    ``crop_pad == 0`` and ``flip == False`` returns ``x`` itself. The user's
+    ``data.augment.crop_pad`` is range-checked by :class:`AugmentConfig`; a negative
+    ``crop_pad`` here is a programming error (ValueError).
+    """
+    crop_pad = int(crop_pad)
+    if crop_pad < 0:
+        raise ValueError(f"augment expects crop_pad >= 0, got {crop_pad}")
+    if crop_pad == 0 and not flip:
+        return x
+    if x.dim() != 4:
+        raise ValueError(f"augment expects a [B, C, H, W] batch, got shape {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    dev = x.device
+    out = x
+    if crop_pad > 0:
+        p = crop_pad
+        padded = F.pad(x, (p, p, p, p))  # zeros, [B, C, H+2p, W+2p]
+        top = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+        left = torch.randint(0, 2 * p + 1, (b,), generator=generator, device=dev)
+        rows = top[:, None] + torch.arange(h, device=dev)[None, :]  # [B, H]
+        cols = left[:, None] + torch.arange(w, device=dev)[None, :]  # [B, W]
+        # Gather rows, then columns; indices broadcast over channels.
+        row_idx = rows[:, None, :, None].expand(b, c, h, w + 2 * p)
+        out = torch.gather(padded, 2, row_idx)
+        col_idx = cols[:, None, None, :].expand(b, c, h, w)
+        out = torch.gather(out, 3, col_idx)
+    if flip:
+        coin = torch.rand((b,), generator=generator, device=dev) < 0.5
+        out = torch.where(coin[:, None, None, None], out.flip(3), out)
+    return out

@@ -1,0 +1,521 @@
+"""One training run, composable: ``build_run(cfg, out_dir, model=..., data=..., controller=...)``
+assembles the parts (any may be passed in, the rest come from the config) and ``Run.fit()``
+trains. ``python -m meta_llr.train`` (:mod:`meta_llr.train`), the Python API
+(:func:`meta_llr.fit`), the bench and meta-training all run through here.
+
+Read top to bottom: data on the device, model and its layers, the global LR
+table, the controller, the optimizer (one param group per layer, split by parameter kind when
+1-D parameters get another LR or decay, each with a 0-d LR tensor that is a view into one
+``[2, L]`` device tensor), then the step:
+
+    scales = controller.scales(step)                    # [L] on the device
+    group_lrs = global_lr[step] * scales                # one op, no host sync
+    loss = cross_entropy(model(augment(x)), y); loss.backward()
+    (statistics the controller needs, batched)          # torch._foreach_norm & co
+    fused_step.step()                                   # fused SGD/AdamW kernels, tensor LRs
+    controller.observe(step, stats)
+
+Metrics reach the host once per log interval and per evaluation, never inside a step.
+All run state is in ``Run.state_dict()``; a checkpoint is written after every epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from torch import nn
+
+from meta_llr.data import Dataset, augment, load_data
+from meta_llr.diagnostics import LAYER_STATS, Diagnostics
+from meta_llr.errors import UserError
+from meta_llr.interface import STATS, Controller, Lookahead, Plan
+from meta_llr.layers import group_layers, layer_table, trace_layers
+from meta_llr.loggers import make_logger
+from meta_llr.models import build_model
+from meta_llr.optim import FusedStep, layer_optimizer, link_group_lrs
+from meta_llr.per_layer import PerLayer
+from meta_llr.registry import build_controller
+from meta_llr.schedules import lr_factors
+from meta_llr.records import CONFIG, ENV, SUMMARY, RunRecords, environment, rows_csv, save_atomic
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Run:
+    """One training run; everything it needs to continue is in ``state_dict()``."""
+
+    def __init__(self, cfg: DictConfig, out_dir: str | Path, *, data: Dataset, model: nn.Module,
+                 controller: Controller, device: torch.device):
+        """Use :func:`build_run`; this takes the parts already built (``cfg`` checked)."""
+        self.cfg = cfg
+        t = cfg.trainer
+        self.device = device
+        self.quiet = bool(cfg.quiet)
+
+        # Data: the whole dataset lives on the device as uint8.
+        self.data_name, self.synthetic, self.data_source = data.name, data.synthetic, data.source
+        self.train_x, self.train_y = data.train.x.to(device), data.train.y.to(device)
+        self.eval_splits = {"test": data.test}
+        if data.val is not None:
+            self.eval_splits["val"] = data.val
+        self.eval_splits = {k: (s.x.to(device), s.y.to(device)) for k, s in self.eval_splits.items()}
+        self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(data.std, device=device).clamp_min(1e-3).view(1, -1, 1, 1) * 255  # constant channels
+        self.crop_pad, self.flip = int(cfg.data.augment.crop_pad), bool(cfg.data.augment.flip)
+
+        # Model, and its layers in forward order.
+        self.model = model.to(device)
+        self.channels_last = device.type == "cuda" and self.train_x.dim() == 4
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        traced = trace_layers(self.model, self.normalize(self.train_x[:2]))
+        self.layers, group_of = group_layers(traced, cfg.layers.groups)
+        self.layer_rows = layer_table(traced, group_of)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+        # The plan and the global LR table.
+        self.batch_size = int(t.batch_size)
+        self.epochs = int(t.epochs)
+        self.steps_per_epoch = math.ceil(len(self.train_y) / self.batch_size)
+        total = self.steps_per_epoch * self.epochs
+        lr_table = torch.tensor(t.lr * lr_factors(cfg.schedule, total), dtype=torch.float32, device=device)
+        self.plan = Plan(total_steps=total, steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
+                         device=device, lr_table=lr_table,
+                         lookahead=Lookahead(self.model, self._loss_fn, self._sample_batches))
+        self.lookahead_gen = torch.Generator(device=device)
+        self.lookahead_gen.manual_seed(int(cfg.seed) + 1)  # its own stream: the training order is unchanged
+        self.lr_host = lr_table.cpu()
+
+        # The controller.
+        self.controller = controller
+        controller.setup(self.layers, self.plan)
+        self.needs = frozenset(controller.needs)
+        if not self.needs <= STATS:
+            raise ValueError(f"controller {cfg.controller.name} needs unknown stats {sorted(self.needs - STATS)}")
+        hooks = controller.hooks()
+        self.observes = "observe" in hooks
+        self.controls_trainable = "trainable" in hooks
+        self.transforms = "transform_update" in hooks
+
+        # Optimizer: per layer, one group (or one for >=2-D tensors and one for 1-D tensors),
+        # each with its LR a 0-d view into group_lrs[kind, layer].
+        num_layers = len(self.layers)
+        self.group_lrs = torch.zeros(2, num_layers, device=device)
+        self.scale_1d = bool(self.controller.scale_1d)
+        self.optimizer = layer_optimizer(self.layers, self.group_lrs, t, self.scale_1d)
+        self.fused_step = FusedStep(self.optimizer)  # optimizer.step(), minus torch.optim's per-group Python
+
+        # Per-step statistics machinery: a flat list of params with their layer index, and one
+        # buffer holding the weights before the step (later the negated update) when needed.
+        self.per_layer = PerLayer.of_layers(self.layers, device)
+        self.params = self.per_layer.tensors
+        name_of = {id(p): n for n, p in self.model.named_parameters()}
+        self.param_names = [name_of[id(p)] for p in self.params]  # for functional calls (loss_at)
+        needs_buffer = self.transforms or bool(self.needs & {"update_norm", "grad_dot_prev_update"})
+        self.prev = [torch.zeros_like(p) for p in self.params] if needs_buffer else None
+        self.prev_by_layer = self._by_layer(self.prev) if self.prev is not None else None
+        self.zero = torch.zeros((), device=device)
+        self.trainable = [True] * num_layers
+        self.diagnostics = Diagnostics(cfg.diagnostics, self.layers, device)
+        self.diagnostics.set_probe_batch(self.model, self.normalize(self.train_x[:self.batch_size]),
+                                         self.train_y[:self.batch_size], self._loss_fn, self.param_names)
+
+        # Run position, accumulators, records.
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(int(cfg.seed))
+        self.step = self.epoch = self.position = 0
+        self.order: torch.Tensor | None = None
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen = 0
+        self.best = {}
+        self.wall_before = 0.0
+        self.status, self.error = "running", None
+        self.trace_every = int(cfg.trainer.trace_every or max(1, total // 200))
+        self.trace = torch.zeros(math.ceil(total / self.trace_every), num_layers, device=device)
+        self.trace_flushed = 0
+        self.log_every = int(t.log_every)
+        self.label_smoothing = float(t.label_smoothing)
+        self.eval_every = int(t.eval_every)
+        self.eval_batch = int(t.eval_batch_size)
+        self.records = RunRecords(out_dir)
+        self.logger = make_logger(cfg, self.records.dir)
+
+    # ------------------------------------------------------------------ building blocks
+    def _by_layer(self, flat: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        out, i = [], 0
+        for layer in self.layers:
+            out.append(flat[i:i + len(layer.params)])
+            i += len(layer.params)
+        return out
+
+    def _loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
+
+    def _sample_batches(self, k: int):
+        """``Plan.sample_batches``: k random augmented training batches and one validation batch."""
+        if "val" not in self.eval_splits:
+            raise UserError("this controller needs a held-out batch: set data.val_size=N (e.g. 5000 for CIFAR)")
+        gen, size = self.lookahead_gen, self.batch_size
+        batches = []
+        for _ in range(k):
+            index = torch.randint(len(self.train_y), (size,), generator=gen, device=self.device)
+            x = augment(self.train_x[index], self.crop_pad, self.flip, gen)
+            batches.append((self.normalize(x), self.train_y[index]))
+        val_x, val_y = self.eval_splits["val"]
+        index = torch.randint(len(val_y), (size,), generator=gen, device=self.device)
+        return batches, (self.normalize(val_x[index]), val_y[index])
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def set_trainable(self, mask: list[bool]) -> None:
+        """Freeze or unfreeze layers: a frozen layer computes no gradient and is not stepped."""
+        for layer, train in zip(self.layers, mask):
+            for p in layer.params:
+                p.requires_grad_(train)
+                if not train:
+                    p.grad = None
+        self.trainable = list(mask)
+
+    def _loss_at(self, x: torch.Tensor, y: torch.Tensor):
+        """The ``loss_at`` statistic: this batch's loss as a function of the layer parameters."""
+        def loss_at(params):
+            buffers = {n: b.clone() for n, b in self.model.named_buffers()}  # BN stats untouched
+            with self.autocast():
+                out = torch.func.functional_call(self.model, (dict(zip(self.param_names, params)), buffers),
+                                                 (self.normalize(x),))
+                return self._loss_fn(out, y)
+        return loss_at
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        step, controller, needs = self.step, self.controller, self.needs
+        if self.controls_trainable:
+            mask = controller.trainable(step)
+            if mask is not None and list(mask) != self.trainable:
+                self.set_trainable(mask)
+        scales = controller.scales(step)
+        global_lr = self.plan.lr_table[step]
+        if self.scale_1d:
+            torch.mul(scales.expand(2, -1), global_lr, out=self.group_lrs)
+        else:
+            torch.mul(scales, global_lr, out=self.group_lrs[0])
+            self.group_lrs[1].copy_(global_lr)
+
+        with self.autocast():
+            out = self.forward(self.normalize(x))
+            loss = self._loss_fn(out, y)
+        if any(self.trainable):
+            loss.backward()
+
+        with torch.no_grad():  # statistics and update: outside autograd
+            probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
+            if probe:
+                needs = needs | self.diagnostics.needs
+            prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
+            stats = {}
+            if "loss_at" in needs:
+                stats["loss_at"] = self._loss_at(x, y)
+            if needs:
+                # A frozen parameter has no gradient: a shared 0-d zero stands in (norm 0, dot 0).
+                grads = [p.grad if p.grad is not None else self.zero for p in self.params]
+                if "grad_norm" in needs:
+                    stats["grad_norm"] = self.per_layer.norm(grads)
+                if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below; its last use,
+                    torch._foreach_mul_(self.prev, grads)  # so multiply in place (one call, no copy)
+                    stats["grad_dot_prev_update"] = -self.per_layer.total(self.prev)
+            if prev is not None:
+                torch._foreach_copy_(prev, self.params)
+            self.fused_step.step()
+            if self.transforms:
+                controller.transform_update(step, self.prev_by_layer)
+            if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
+                torch._foreach_sub_(prev, self.params)
+            if "update_norm" in needs:
+                stats["update_norm"] = self.per_layer.norm(prev)
+            if "weight_norm" in needs:
+                stats["weight_norm"] = self.per_layer.norm(self.params)
+            stats.update(loss=loss.detach(), global_lr=global_lr, scales=scales)
+            if self.observes:
+                controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
+            if probe:
+                self.diagnostics.record_step(step, stats, prev)
+            for p in self.params:
+                p.grad = None
+
+            self.loss_sum.add_(loss.detach(), alpha=len(y))
+            self.correct.add_((out.argmax(1) == y).sum())
+            self.seen += len(y)
+            if step % self.trace_every == 0:
+                self.trace[step // self.trace_every].copy_(scales)
+        self.step += 1
+
+    # ------------------------------------------------------------------ epochs
+    def batches(self):
+        """This epoch's batches, resuming at ``self.position`` after a restart."""
+        n = len(self.train_y)
+        if self.order is None:
+            self.order = torch.randperm(n, generator=self.gen, device=self.device)
+        while self.position < self.steps_per_epoch:
+            index = self.order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
+            x = augment(self.train_x[index], self.crop_pad, self.flip, self.gen)
+            self.position += 1
+            yield x, self.train_y[index]
+        self.order, self.position = None, 0
+
+    def diverged(self) -> bool:
+        return not bool(torch.isfinite(self.loss_sum).item())  # a host sync, at log points only
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> tuple[float, float]:
+        x_all, y_all = self.eval_splits[split]
+        self.model.eval()
+        loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for i in range(0, len(y_all), self.eval_batch):
+            x, y = self.normalize(x_all[i:i + self.eval_batch]), y_all[i:i + self.eval_batch]
+            with self.autocast():
+                out = self.forward(x).float()
+            loss += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+        self.model.train()
+        n = len(y_all)
+        return loss.item() / n, correct.item() / n
+
+    def log_evaluation(self, wall: float) -> dict:
+        row = {"epoch": self.epoch, "step": self.step,
+               "train_loss": self.loss_sum.item() / max(self.seen, 1),
+               "train_acc": self.correct.item() / max(self.seen, 1)}
+        for split in self.eval_splits:
+            row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(split)
+            self.best[split] = max(self.best.get(split, 0.0), row[f"{split}_acc"])
+        row["lr"] = float(self.lr_host[min(self.step, self.plan.total_steps) - 1])
+        row["wall_s"] = wall
+        self.records.add_metrics(row)
+        layer_rows = self.diagnostics.at_evaluation(self.epoch, self.step)
+        self.records.write_text(LAYER_STATS, self.diagnostics.csv())
+        for name, rows in self.controller.records().items():
+            self.records.write_text(f"{name}.csv", rows_csv(rows))
+        new_trace = self.flush_trace()
+        self.logger.log_evaluation(row, self.records.trace_header, new_trace, layer_rows)
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.seen = 0
+        return row
+
+    def flush_trace(self) -> list[list]:
+        """Write the trace rows logged since the last flush to llr.csv; return them."""
+        rows_done = math.ceil(self.step / self.trace_every)
+        if rows_done <= self.trace_flushed:
+            return []
+        values = self.trace[self.trace_flushed:rows_done].cpu().tolist()
+        rows = []
+        for i, scales in enumerate(values, start=self.trace_flushed):
+            step = i * self.trace_every
+            rows.append([step, round(step / self.plan.total_steps, 6), float(self.lr_host[step]), *scales])
+        header = ["step", "progress", "global_lr", *[layer.name for layer in self.layers]]
+        self.records.add_trace(header, rows)
+        self.trace_flushed = rows_done
+        return rows
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter() - self.wall_before
+        records = self.records
+        if self.step == 0:
+            records.write_text(CONFIG, OmegaConf.to_yaml(self.cfg, resolve=True))
+            records.write_json(ENV, environment(self.device))
+            records.write_layers(self.layer_rows)
+            if not self.quiet:
+                print(_format_table(self.layer_rows))
+        bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=self.quiet, unit="step",
+                   desc=f"{self.cfg.controller.name}", dynamic_ncols=True, leave=True)
+        try:
+            while self.epoch < self.epochs and self.status == "running":
+                for x, y in self.batches():
+                    self.train_step(x, y)
+                    if self.step % self.log_every == 0:
+                        bar.update(self.step - bar.n)
+                        if self.diverged():
+                            self.status = "diverged"
+                            break
+                if self.status != "running":
+                    break
+                self.epoch += 1
+                if self.diverged():
+                    self.status = "diverged"
+                    break
+                if self.epoch % self.eval_every == 0 or self.epoch == self.epochs:
+                    row = self.log_evaluation(time.perf_counter() - start)
+                    bar.set_postfix(epoch=self.epoch, loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.4f}")
+                bar.update(self.step - bar.n)
+                if self.cfg.trainer.checkpoint:
+                    self.wall_before = time.perf_counter() - start
+                    save_atomic(self.state_dict(), records.dir / CHECKPOINT)
+            if self.status == "running":
+                self.status = "finished"
+        except KeyboardInterrupt:
+            self.status, self.error = "failed", "interrupted"
+            raise
+        except Exception as error:
+            self.status, self.error = "failed", f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            bar.close()
+            self.flush_trace()
+            summary = self.summary(time.perf_counter() - start)
+            records.write_json(SUMMARY, summary)
+            self.logger.finish(summary)
+        if not self.quiet:
+            print(f"{summary['status']}: test acc {summary['final_test_acc']} (best {summary['best_test_acc']}) "
+                  f"after {self.step} steps, {summary['wall_s']:.1f} s -> {records.dir}")
+        return summary
+
+    def summary(self, wall: float) -> dict:
+        last = self.records.metrics[-1] if self.records.metrics else {}
+        summary = {
+            "status": self.status,
+            "final_test_acc": last.get("test_acc"),
+            "best_test_acc": self.best.get("test"),
+            "final_test_loss": last.get("test_loss"),
+            "final_train_loss": last.get("train_loss"),
+            "final_train_acc": last.get("train_acc"),
+            "steps": self.step,
+            "epochs_done": self.epoch,
+            "wall_s": wall,
+            "controller": self.cfg.controller.name,
+            "model": self.cfg.model.name,
+            "data": self.data_name,
+            "synthetic": self.synthetic,
+            "data_source": self.data_source,
+            "seed": int(self.cfg.seed),
+            "study": self.cfg.study,
+            "layers": [layer.name for layer in self.layers],
+        }
+        if "val" in self.eval_splits:
+            summary.update(final_val_acc=last.get("val_acc"), final_val_loss=last.get("val_loss"),
+                       best_val_acc=self.best.get("val"))
+        if self.status == "diverged":
+            summary["diverged_at_step"] = self.step
+        if self.error:
+            summary["error"] = self.error
+        summary["layer_stats"] = self.diagnostics.summary()
+        return summary
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict(),
+            "generator": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "step": self.step, "epoch": self.epoch, "position": self.position, "order": self.order,
+            "loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+            "prev": self.prev, "trainable": self.trainable, "best": dict(self.best),
+            "trace": self.trace, "trace_flushed": self.trace_flushed,
+            "records": self.records.state_dict(), "wall_s": self.wall_before,
+            "diagnostics": self.diagnostics.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.set_trainable(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        link_group_lrs(self.optimizer, self.group_lrs)
+        self.fused_step = FusedStep(self.optimizer)
+        self.controller.load_state_dict(state["controller"])
+        self.gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.order = state["order"]
+        self.loss_sum.copy_(state["loss_sum"])
+        self.correct.copy_(state["correct"])
+        self.seen = state["seen"]
+        if self.prev is not None:
+            torch._foreach_copy_(self.prev, state["prev"])
+        self.best = dict(state["best"])
+        self.trace.copy_(state["trace"])
+        self.trace_flushed = state["trace_flushed"]
+        self.records.load_state_dict(state["records"])
+        self.wall_before = state["wall_s"]
+        self.diagnostics.load_state_dict(state["diagnostics"])
+
+
+def _format_table(rows: list[dict]) -> str:
+    lines = [f"{'#':>3}  {'layer':<32} {'params':>10}  group"]
+    lines += [f"{r['index']:>3}  {r['name']:<32} {r['params']:>10,}  {r['group']}" for r in rows]
+    return "\n".join(lines)
+
+
+def pick_device(name: str) -> torch.device:
+    """``device=auto|cpu|cuda|cuda:N`` as a torch device; one line if it is not visible."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu or device=auto")
+    return device
+
+
+def build_run(cfg: DictConfig, out_dir: str | Path, *, model: nn.Module | None = None, data: Dataset | None = None,
+              controller: Controller | str | None = None) -> Run:
+    """Assemble a run from its checked config; ``model``, ``data`` or ``controller`` passed in
+    replace the ones the config names. The records then name what was passed: a passed model
+    always (``model: {name: <class>, passed_in: true}``), data or a controller when its name
+    differs from the config's (the same name keeps the config's description of it)."""
+    cfg = copy_config(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if data is None:
+        data = load_data(cfg.data)
+    elif data.name != cfg.data.name:
+        _describe(cfg, "data", {"name": data.name, "source": data.source, "augment": cfg.data.augment})
+    if model is None:
+        options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+        model = build_model(cfg.model.name, data.in_channels, data.image_size, data.num_classes, **options)
+    else:
+        _describe(cfg, "model", {"name": type(model).__name__, "passed_in": True})
+    if isinstance(controller, str):
+        cfg.controller = {"name": controller}
+        controller = None
+    if controller is None:
+        controller = build_controller(cfg.controller)
+    elif getattr(controller, "registry_name", None) != cfg.controller.name:
+        _describe(cfg, "controller", {"name": getattr(controller, "registry_name", type(controller).__name__),
+                                      "passed_in": True})
+    return Run(cfg, out_dir, data=data, model=model, controller=controller, device=device)
+
+
+def copy_config(cfg: DictConfig) -> DictConfig:
+    """A private, editable copy (the records must name parts passed in)."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    return copy
+
+
+def _describe(cfg: DictConfig, key: str, value: dict) -> None:
+    cfg[key] = value
+
+
+def train(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run (or, with ``trainer.resume=true`` and a checkpoint in ``out_dir``, continue) one training."""
+    run = build_run(cfg, out_dir)
+    checkpoint = Path(out_dir) / CHECKPOINT
+    if cfg.trainer.resume and checkpoint.exists():
+        run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=False))
+    return run.fit()

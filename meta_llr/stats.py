@@ -1,0 +1,166 @@
+"""The project's statistics, in one place: thin calls into scipy / numpy, each with its formula and source.
+
+Used by ``meta_llr.compare`` (group summaries, tests against the baseline), ``meta_llr.study``
+(hypothesis verdicts) and ``meta_llr.bench`` (CI of the paired step-time ratio). Needs
+scipy >= 1.12 (``quantile_test``; ``ttest_ind(...).confidence_interval`` is 1.11,
+``ttest_1samp(...).confidence_interval`` 1.10).
+
+Undefined results are NaN, never a made-up number: a t-test needs at least 2 values per arm and
+some variance. When every value of both arms is the same, Welch's t is 0/0 or ±d/0 and there is
+no sampling distribution to read a p-value from, so :func:`welch` gives ``p = nan`` (no
+``p = 0`` for "obviously different", no ``p = 1`` for "identical") and :func:`welch_note` says
+why; the interval of the difference is NaN too.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats
+
+NO_VARIANCE = "no variance: every value of both arms is the same, so Welch's t is undefined (p = NaN)"
+TOO_FEW = "fewer than 2 values in an arm: no t-test"
+
+
+def _finite(values) -> np.ndarray:
+    return np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+
+
+def _pair(a, b) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+
+
+def _constant(x: np.ndarray) -> bool:
+    """All values equal: the sample variance is exactly 0 (``x.var()`` can round to ~1e-32)."""
+    return bool(np.all(x == x[0])) if len(x) else True
+
+
+# ----------------------------------------------------------------------------- one sample
+
+def mean_ci(values, confidence: float = 0.95) -> dict:
+    """Mean, sample std ``s`` (ddof 1) and the two-sided t confidence interval of the mean,
+    ``mean ± t_{(1+confidence)/2, n-1} s / sqrt(n)`` (Student 1908), over the finite values.
+
+    ``scipy.stats.ttest_1samp(x, 0).confidence_interval(confidence)``. n = 0: all NaN;
+    n = 1: the mean, the rest NaN. Zero spread gives the zero-width interval ``[mean, mean]``
+    (shown next to std 0, so not mistaken for a measured precision)."""
+    x = _finite(values)
+    n = len(x)
+    if n == 0:
+        return {"n": 0, "mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    mean = float(x.mean())
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    if _constant(x):  # what scipy gives (mean ± t * 0), without its precision-loss warning
+        return {"n": n, "mean": mean, "std": 0.0, "ci_low": mean, "ci_high": mean}
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence)
+    return {"n": n, "mean": mean, "std": float(x.std(ddof=1)), "ci_low": float(ci.low), "ci_high": float(ci.high)}
+
+
+def median_ci(values, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median from binomial order statistics
+    (Thompson 1936; Conover, *Practical Nonparametric Statistics*, 3rd ed., 1999, the quantile
+    test): the sorted values ``x_(k)``, ``x_(n+1-k)`` with the largest k such that
+    ``P(Binomial(n, 1/2) <= k-1) <= (1 - confidence)/2``; coverage >= ``confidence``.
+
+    ``scipy.stats.quantile_test(x, p=0.5).confidence_interval(confidence)`` (scipy >= 1.12).
+    None when n is too small for any such k (n <= 5 at 95%: even ``[min, max]`` covers less)."""
+    x = np.asarray(list(values), dtype=np.float64)
+    if len(x) == 0:
+        return None
+    ci = stats.quantile_test(x, p=0.5).confidence_interval(confidence)
+    if not (np.isfinite(ci.low) and np.isfinite(ci.high)):
+        return None
+    return float(ci.low), float(ci.high)
+
+
+# ----------------------------------------------------------------------------- two samples
+
+def welch_note(a, b) -> str:
+    """Why :func:`welch` / :func:`welch_interval` give NaN for these arms, or "" when they don't."""
+    a, b = _pair(a, b)
+    if len(a) < 2 or len(b) < 2:
+        return TOO_FEW
+    if _constant(a) and _constant(b):
+        return NO_VARIANCE
+    return ""
+
+
+def welch(a, b, alternative: str = "two-sided") -> tuple[float, float]:
+    """Welch's t statistic and p-value for mean(a) - mean(b) (Welch 1947; Satterthwaite 1946):
+    ``t = (mean_a - mean_b) / sqrt(s_a²/n_a + s_b²/n_b)`` against Student's t with the
+    Welch–Satterthwaite degrees of freedom ``(v_a + v_b)² / (v_a²/(n_a-1) + v_b²/(n_b-1))``,
+    ``v = s²/n``. ``scipy.stats.ttest_ind(a, b, equal_var=False, alternative=alternative)``.
+
+    ``(nan, nan)`` when :func:`welch_note` is not empty (fewer than 2 values in an arm, or no
+    variance in either arm)."""
+    if welch_note(a, b):
+        return math.nan, math.nan
+    result = stats.ttest_ind(*_pair(a, b), equal_var=False, alternative=alternative)
+    return float(result.statistic), float(result.pvalue)
+
+
+def welch_interval(a, b, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Welch–Satterthwaite confidence interval of mean(a) - mean(b):
+    ``diff ± t_{(1+confidence)/2, df} sqrt(v_a + v_b)`` (df and v as in :func:`welch`).
+    ``scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)``
+    (scipy >= 1.11). ``(nan, nan)`` when :func:`welch_note` is not empty."""
+    if welch_note(a, b):
+        return math.nan, math.nan
+    ci = stats.ttest_ind(*_pair(a, b), equal_var=False).confidence_interval(confidence)
+    return float(ci.low), float(ci.high)
+
+
+class Tost(NamedTuple):
+    statistic: float   # t of the deciding (larger-p) one-sided test
+    pvalue: float      # H0: |mean_a - mean_b| >= margin; small = equivalent within the margin
+    pvalue_outside: float  # H0: |mean_a - mean_b| <= margin; small = different by more than the margin
+
+
+def tost(a, b, margin: float) -> Tost:
+    """Equivalence of two means within ``±margin`` by two one-sided Welch tests (TOST,
+    Schuirmann 1987): ``p = max(p(A - B > -margin), p(A - B < +margin))``, each a shifted
+    :func:`welch`. ``pvalue_outside`` tests the opposite, ``|A - B| > margin``: the smaller
+    of ``p(A - B > +margin)`` and ``p(A - B < -margin)``, doubled (Bonferroni over the two
+    directions), capped at 1. All NaN when :func:`welch_note` is not empty."""
+    a, b = _pair(a, b)
+    if welch_note(a, b):
+        return Tost(math.nan, math.nan, math.nan)
+    t_low, p_low = welch(a + margin, b, "greater")   # H0: A - B <= -margin
+    t_high, p_high = welch(a - margin, b, "less")    # H0: A - B >= +margin
+    _, p_above = welch(a - margin, b, "greater")     # H0: A - B <= +margin
+    _, p_below = welch(a + margin, b, "less")        # H0: A - B >= -margin
+    return Tost(t_low if p_low >= p_high else t_high, max(p_low, p_high), min(1.0, 2 * min(p_above, p_below)))
+
+
+def hedges_g(a, b) -> float:
+    """Standardised mean difference with Hedges' small-sample correction (Hedges 1981, J. Educ.
+    Stat. 6(2); Hedges & Olkin 1985, ch. 5): ``g = J (mean_a - mean_b) / s_pooled``,
+    ``s_pooled = sqrt(((n_a-1) s_a² + (n_b-1) s_b²) / (n_a + n_b - 2))``,
+    ``J = 1 - 3 / (4 (n_a + n_b) - 9)`` (= 1 - 3/(4 df - 1)). scipy has no effect-size function.
+    NaN with fewer than 2 values in an arm; ±inf (0 if the means are equal) when neither arm varies."""
+    a, b = _pair(a, b)
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return math.nan
+    if _constant(a) and _constant(b):
+        return math.copysign(math.inf, a[0] - b[0]) if a[0] != b[0] else 0.0
+    pooled = math.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
+    return float((1 - 3 / (4 * (na + nb) - 9)) * (a.mean() - b.mean()) / pooled)
+
+
+# ----------------------------------------------------------------------------- multiple tests
+
+def holm(pvalues) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the input order: sort the m finite
+    p-values, ``p_adj(i) = max_{j<=i} min(1, (m - j + 1) p_(j))``. NaN stays NaN and does not
+    count in m. scipy has no Holm (``scipy.stats.false_discovery_control`` is Benjamini–Hochberg
+    / –Yekutieli, which control the FDR, not the family-wise error)."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    out = np.full(len(p), math.nan)
+    valid = np.flatnonzero(np.isfinite(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    out[order] = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    return out.tolist()
