@@ -12,17 +12,18 @@ the paper's β, default 5e-4 like ``trainer.weight_decay``: keep the two equal).
 global LRs of the paper (e.g. ``trainer.lr`` of order 1..10); LARC caps each layer at the
 global LR and needs no such change. Then clamp to ``[min_scale, max_scale]``.
 
-Timing: ``scales(t)`` is called before step t's backward, so step t's gradient does not
-exist yet. The scale used at step t is computed in ``observe(t−1)`` from ``‖θ(t)‖`` (the
-weights after step t−1: exactly the weights step t updates) and ``‖g(t−1)‖``, the previous
-step's gradient (one step stale). At step 0 no gradient has been seen: the scale is
-``min_scale`` there (a near-zero first step instead of an unscaled one at a LARS-sized LR).
-Norms come from ``torch._foreach_norm`` on the kernels during ``observe``; no state besides
-the ``[L]`` scales.
+Timing: the loop calls ``scales(t)`` after step t's backward and before its update, so the
+ratio uses this step's gradient ``g(t)`` and the weights ``θ(t)`` it updates, as in the paper
+(and timm's ``Lars``). The loop applies ``scale_l`` to the layer's LR, after the momentum
+buffer (torch.optim's convention: ``b ← μb + (g + wd·θ)``, ``θ ← θ − η·scale_l·b``); the paper
+puts the ratio inside the buffer (``v ← μv + η·λ_l·(g + β·θ)``). The two are identical on a
+first step (tests/test_trust_ratio.py writes it out by hand) and whenever ``λ_l`` is constant;
+under momentum and a changing ratio they differ by how past steps are weighted.
+Cost: two batched norms over the kernels per step; no state.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -54,10 +55,9 @@ class Lars(Controller):
 
     def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
         super().setup(layers, plan)
-        device = plan.device
-        self.per_layer = PerLayer.of_layers(layers, device, keep=lambda p: p.dim() > 1 or not self.exclude_1d)
+        self.per_layer = PerLayer.of_layers(layers, plan.device, keep=lambda p: p.dim() > 1 or not self.exclude_1d)
         self.kernels = self.per_layer.tensors
-        self.scale = torch.full((self.num_layers,), self.min_scale, device=device)
+        self.zero = torch.zeros((), device=plan.device)
 
     def layer_scales(self, weight_norm: torch.Tensor, grad_norm: torch.Tensor, global_lr: torch.Tensor) -> torch.Tensor:
         ratio = trust_ratio(weight_norm, grad_norm, self.trust, self.wd)
@@ -66,16 +66,7 @@ class Lars(Controller):
         return ratio.clamp(self.min_scale, self.max_scale)
 
     @torch.no_grad()
-    def observe(self, step: int, stats: Mapping[str, torch.Tensor]) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.kernels]
-        weight_norm, grad_norm = self.per_layer.norm(self.kernels), self.per_layer.norm(grads)
-        self.scale = self.layer_scales(weight_norm, grad_norm, self.plan.global_lr(step + 1))
-
     def scales(self, step: int) -> torch.Tensor:
-        return self.scale
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        self.scale = state["scale"].to(self.plan.device).clone()
+        grads = [p.grad if p.grad is not None else self.zero for p in self.kernels]
+        weight_norm, grad_norm = self.per_layer.norm(self.kernels), self.per_layer.norm(grads)
+        return self.layer_scales(weight_norm, grad_norm, self.plan.global_lr(step))

@@ -7,22 +7,31 @@ trains with
 
 where ``global_lr(t)`` is the global LR schedule (``schedule=...``) and the scales are the
 controller's. A controller is a subclass of :class:`Controller` registered by name with
-:func:`register`; ``controller=NAME`` on the command line selects it and its YAML config
-``meta_llr/conf/controller/NAME.yaml`` gives its keyword arguments. Adding a controller is
-one Python file in ``baselines/`` or ``controllers/`` plus that one YAML: the registry
-imports both packages by itself.
+``meta_llr.registry.register``; ``controller=NAME`` selects it, and its ``__init__`` keyword
+arguments are its options (``controller.KEY=V``, typed by their annotations, defaults written
+once in the signature). Adding a controller is one Python file in ``baselines/`` or
+``controllers/`` (the registry imports both packages), or a plugin package (entry point group
+``meta_llr.controllers``).
 
 Call order, per run::
 
-    controller = Cls(**config)                   # plain keyword arguments, typed
+    controller = Cls(**options)                  # the options, typed and checked
     controller.setup(layers, plan)               # once, before the first step
     for step in range(plan.total_steps):
-        mask = controller.trainable(step)        # optional, host-side (see below)
-        s = controller.scales(step)              # before the optimizer step
-        ... forward, backward, optimizer step with lr_l = global_lr(step) * s[l] ...
+        mask = controller.trainable(step)        # optional, host-side, before the forward
+        ... forward, loss, backward ...          # p.grad now holds this step's gradient
+        ... the declared statistics that exist before the update (loss, global_lr, grad_norm,
+            grad_dot_prev_update, loss_at), batched, as ``controller.stats`` ...
+        s = controller.scales(step)              # after backward, before the optimizer step
+        ... optimizer step with lr_l = global_lr(step) * s[l] ...
         controller.transform_update(step, before)  # optional (see below)
-        controller.observe(step, stats)          # after the step, only if it needs stats
+        controller.observe(step, stats)          # after the step, if overridden: all the stats
     controller.state_dict() / load_state_dict()  # checkpoints, at any step boundary
+
+``scales(step)`` may therefore read this step's gradients (``p.grad``) and the pre-update
+statistics in ``self.stats`` (the same mapping ``observe`` receives, computed once): trust
+ratios (LARS, LAMB) use the current gradient, as published. A controller that ignores them
+returns what it would have returned before the forward pass.
 
 Rules a controller must keep (checked for every registered controller by
 ``tests/test_contract.py``):
@@ -33,9 +42,11 @@ Rules a controller must keep (checked for every registered controller by
 * No host-device synchronisation inside a step: no ``.item()``, ``.cpu()``, ``.tolist()``,
   ``float(tensor)`` or Python ``if`` on a device value in ``scales``, ``observe`` or
   ``transform_update``. Keep state as device tensors and update it with tensor ops.
-* ``needs`` names the per-step statistics the controller reads in ``observe``; the loop
-  computes exactly those, in one batched pass, and skips ``observe`` when ``needs`` is
-  empty and ``observe`` is not overridden. A controller that needs nothing costs nothing.
+* ``needs`` names the per-step statistics the controller reads (in ``scales`` through
+  ``self.stats``, or in ``observe``); the loop computes exactly those, once, in one batched
+  pass. Hooks are declared one way: the loop calls ``observe``, ``trainable`` and
+  ``transform_update`` only if the controller overrides them (:meth:`Controller.hooks`).
+  A controller that needs nothing costs nothing.
 * ``state_dict()`` holds everything needed to continue bit-for-bit after a restart.
 
 Statistics (``stats`` in ``observe``), each a device tensor, per layer ``[L]`` unless noted;
@@ -74,7 +85,7 @@ Three optional hooks:
 * ``transform_update(step, before)``: for controllers that change the *direction* of the
   update, not just its size (Layca). Called after the optimizer step with ``before[l][k]``,
   a copy of ``layers[l].params[k]`` from before the step; the controller rewrites
-  ``layers[l].params[k]`` in place. Set ``transforms_update = True`` to receive it.
+  ``layers[l].params[k]`` in place.
 
 * ``records() -> dict[str, list[dict]]``: tables the controller wants written, called by the
   loop at every evaluation (host-side; may sync). Each ``name: rows`` is written atomically
@@ -122,6 +133,20 @@ class Lookahead:
     sample_batches: Callable[[int], tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]]
 
 
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The run's optimizer (``trainer.*``), for controllers whose rule depends on it (LAMB's
+    trust ratio over the AdamW direction, a lookahead through the real update)."""
+
+    name: str = "sgd"                 # sgd | adamw
+    momentum: float = 0.0             # SGD
+    nesterov: bool = False            # SGD (only with momentum > 0)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8                 # AdamW (torch's default)
+    weight_decay: float = 0.0         # L2 for SGD, decoupled for AdamW
+    decay_1d: bool = True             # decay on biases and norm parameters too
+
+
 @dataclass
 class Plan:
     """What the run will do: known before the first step."""
@@ -131,6 +156,7 @@ class Plan:
     epochs: int
     device: torch.device
     lr_table: torch.Tensor      # [total_steps] float32 on device: global_lr(step)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     lookahead: Lookahead | None = None  # what a lookahead controller may use of the run
 
     def global_lr(self, step: int) -> torch.Tensor:
@@ -147,6 +173,11 @@ class Controller(ABC):
 
     needs: frozenset[str] = frozenset()
     scale_1d: bool = True
+    # Config overrides the controller needs to run as intended (e.g. lamb: AdamW); the contract
+    # test, the bench and the health table apply them, and docs/controllers.md lists them.
+    requires: tuple[str, ...] = ()
+
+    stats: Mapping[str, torch.Tensor] = {}  # set by the loop before each scales(step)
 
     def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
         self.layers = list(layers)

@@ -8,10 +8,11 @@ table, the controller, the optimizer (one param group per layer, split by parame
 1-D parameters get another LR or decay, each with a 0-d LR tensor that is a view into one
 ``[2, L]`` device tensor), then the step:
 
-    scales = controller.scales(step)                    # [L] on the device
-    group_lrs = global_lr[step] * scales                # one op, no host sync
+    controller.trainable(step)                          # freezing, before the forward
     loss = cross_entropy(model(augment(x)), y); loss.backward()
     (statistics the controller needs, batched)          # torch._foreach_norm & co
+    scales = controller.scales(step)                    # [L] on the device; may read p.grad
+    group_lrs = global_lr[step] * scales                # one op, no host sync
     fused_step.step()                                   # fused SGD/AdamW kernels, tensor LRs
     controller.observe(step, stats)
 
@@ -34,7 +35,7 @@ from torch import nn
 from meta_llr.data import Dataset, augment, load_data
 from meta_llr.diagnostics import LAYER_STATS, Diagnostics
 from meta_llr.errors import UserError
-from meta_llr.interface import STATS, Controller, Lookahead, Plan
+from meta_llr.interface import STATS, Controller, Lookahead, OptimizerSpec, Plan
 from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import make_logger
 from meta_llr.models import build_model
@@ -89,6 +90,10 @@ class Run:
         lr_table = torch.tensor(t.lr * lr_factors(cfg.schedule, total), dtype=torch.float32, device=device)
         self.plan = Plan(total_steps=total, steps_per_epoch=self.steps_per_epoch, epochs=self.epochs,
                          device=device, lr_table=lr_table,
+                         optimizer=OptimizerSpec(name=t.optimizer, momentum=float(t.momentum),
+                                                 nesterov=bool(t.nesterov and t.momentum > 0),
+                                                 betas=tuple(float(b) for b in t.betas),
+                                                 weight_decay=float(t.weight_decay), decay_1d=bool(t.decay_1d)),
                          lookahead=Lookahead(self.model, self._loss_fn, self._sample_batches))
         self.lookahead_gen = torch.Generator(device=device)
         self.lookahead_gen.manual_seed(int(cfg.seed) + 1)  # its own stream: the training order is unchanged
@@ -204,13 +209,6 @@ class Run:
             mask = controller.trainable(step)
             if mask is not None and list(mask) != self.trainable:
                 self.set_trainable(mask)
-        scales = controller.scales(step)
-        global_lr = self.plan.lr_table[step]
-        if self.scale_1d:
-            torch.mul(scales.expand(2, -1), global_lr, out=self.group_lrs)
-        else:
-            torch.mul(scales, global_lr, out=self.group_lrs[0])
-            self.group_lrs[1].copy_(global_lr)
 
         with self.autocast():
             out = self.forward(self.normalize(x))
@@ -218,12 +216,14 @@ class Run:
         if any(self.trainable):
             loss.backward()
 
-        with torch.no_grad():  # statistics and update: outside autograd
-            probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
-            if probe:
-                needs = needs | self.diagnostics.needs
-            prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
-            stats = {}
+        global_lr = self.plan.lr_table[step]
+        probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
+        if probe:
+            needs = needs | self.diagnostics.needs
+        # This step's statistics that exist before the update: computed once, batched, shared
+        # by scales (controller.stats) and observe.
+        stats = {"loss": loss.detach(), "global_lr": global_lr}
+        with torch.no_grad():
             if "loss_at" in needs:
                 stats["loss_at"] = self._loss_at(x, y)
             if needs:
@@ -234,6 +234,16 @@ class Run:
                 if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below; its last use,
                     torch._foreach_mul_(self.prev, grads)  # so multiply in place (one call, no copy)
                     stats["grad_dot_prev_update"] = -self.per_layer.total(self.prev)
+        controller.stats = stats
+        scales = controller.scales(step)  # after backward: p.grad is this step's gradient
+
+        with torch.no_grad():  # the update: outside autograd
+            if self.scale_1d:
+                torch.mul(scales.expand(2, -1), global_lr, out=self.group_lrs)
+            else:
+                torch.mul(scales, global_lr, out=self.group_lrs[0])
+                self.group_lrs[1].copy_(global_lr)
+            prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
             if prev is not None:
                 torch._foreach_copy_(prev, self.params)
             self.fused_step.step()
@@ -245,7 +255,7 @@ class Run:
                 stats["update_norm"] = self.per_layer.norm(prev)
             if "weight_norm" in needs:
                 stats["weight_norm"] = self.per_layer.norm(self.params)
-            stats.update(loss=loss.detach(), global_lr=global_lr, scales=scales)
+            stats["scales"] = scales
             if self.observes:
                 controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
             if probe:

@@ -56,7 +56,8 @@ def test_every_controller_documents_its_formula():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_contract(name, tmp_path, monkeypatch):
     example = REGISTRY[name].example_options(tmp_path)  # e.g. a file to read
-    cfg = compose_config(*TINY, f"controller={name}", *(f"controller.{k}={v}" for k, v in example.items()))
+    cfg = compose_config(*TINY, *REGISTRY[name].requires, f"controller={name}",
+                         *(f"controller.{k}={v}" for k, v in example.items()))
     run = build_run(cfg, tmp_path)
     controller = run.controller
     assert isinstance(controller, Controller)

@@ -1,0 +1,60 @@
+"""LARS, LARC and LAMB on this step's gradient: one real step of the loop against the papers'
+updates written out by hand (You et al. 2017, arXiv 1708.03888; You et al. 2019, arXiv 1904.00962)."""
+import pytest
+import torch
+
+from meta_llr.run import build_run
+from tests.conftest import TINY, compose_config
+
+
+def first_step(*overrides):
+    """The run, its first batch, the parameters before the step and this step's gradients."""
+    run = build_run(compose_config(*TINY, "model.depth=2", *overrides), "/tmp/unused-trust-ratio")
+    x, y = next(iter(run.batches()))
+    params = [p for layer in run.layers for p in layer.params]
+    before = [p.detach().clone() for p in params]
+    loss = run._loss_fn(run.model(run.normalize(x)), y)
+    grads = torch.autograd.grad(loss, params)
+    run.train_step(x, y)
+    return run, params, before, grads
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_and_larc_one_step_by_hand(momentum, clip):
+    lr, wd, trust = 0.5, 5e-4, 0.02
+    run, params, before, grads = first_step(
+        "controller=lars", f"controller.trust={trust}", f"controller.wd={wd}", f"controller.trust_clip={clip}",
+        "controller.min_scale=1e-9", f"trainer.lr={lr}", "schedule=constant", f"trainer.momentum={momentum}",
+        "trainer.nesterov=false", f"trainer.weight_decay={wd}")
+    for p, w, g in zip(params, before, grads):
+        d = g + wd * w                      # the paper's ∇L(w) + β·w
+        if p.dim() > 1:                     # kernels: local LR γ·λ (LARC: min(λ/γ, 1)·γ)
+            local = trust * w.norm() / (g.norm() + wd * w.norm())
+            step = lr * (torch.clamp(local / lr, max=1.0) if clip else local)
+        else:                               # biases: the global LR
+            step = lr
+        expected = w - step * d             # v = γλ·d from v = 0, w ← w − v
+        assert torch.allclose(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    trace = run.trace[0]
+    kernels = [(w, g) for w, g, p in zip(before, grads, params) if p.dim() > 1]
+    ratios = torch.stack([trust * w.norm() / (g.norm() + wd * w.norm()) for w, g in kernels])
+    assert torch.allclose(trace, torch.clamp(ratios / lr, max=1.0) if clip else ratios, rtol=1e-5)
+
+
+def test_lamb_one_step_by_hand():
+    lr, decay, eps = 0.01, 0.01, 1e-8
+    run, params, before, grads = first_step("controller=lamb", "trainer.optimizer=adamw", f"trainer.lr={lr}",
+                                            "schedule=constant", f"trainer.weight_decay={decay}")
+    for p, w, g in zip(params, before, grads):
+        # AdamW's first moments: m̂ = g, v̂ = g² (bias-corrected), direction r = m̂/(√v̂+ε) + λw
+        r = g / (g.abs() + eps) + decay * w
+        trust = w.norm() / r.norm() if p.dim() > 1 else torch.tensor(1.0)
+        assert torch.allclose(p.detach(), w - lr * trust * r, rtol=1e-5, atol=1e-7)
+
+
+def test_lamb_needs_adamw():
+    from meta_llr.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.optimizer=adamw"):
+        build_run(compose_config(*TINY, "controller=lamb"), "/tmp/unused-trust-ratio")
