@@ -243,6 +243,8 @@ class Run:
             else:
                 torch.mul(scales, global_lr, out=self.group_lrs[0])
                 self.group_lrs[1].copy_(global_lr)
+            if step % self.trace_every == 0:  # the scales as used now (a controller may reuse its tensor)
+                self.trace[step // self.trace_every].copy_(scales)
             prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
             if prev is not None:
                 torch._foreach_copy_(prev, self.params)
@@ -266,8 +268,6 @@ class Run:
             self.loss_sum.add_(loss.detach(), alpha=len(y))
             self.correct.add_((out.argmax(1) == y).sum())
             self.seen += len(y)
-            if step % self.trace_every == 0:
-                self.trace[step // self.trace_every].copy_(scales)
         self.step += 1
 
     # ------------------------------------------------------------------ epochs

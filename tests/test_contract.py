@@ -56,7 +56,7 @@ def test_every_controller_documents_its_formula():
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_contract(name, tmp_path, monkeypatch):
     example = REGISTRY[name].example_options(tmp_path)  # e.g. a file to read
-    cfg = compose_config(*TINY, *REGISTRY[name].requires, f"controller={name}",
+    cfg = compose_config(*TINY, "trainer.trace_every=1", *REGISTRY[name].requires, f"controller={name}",
                          *(f"controller.{k}={v}" for k, v in example.items()))
     run = build_run(cfg, tmp_path)
     controller = run.controller
@@ -72,22 +72,39 @@ def test_contract(name, tmp_path, monkeypatch):
         return original_observe(step, stats)
 
     monkeypatch.setattr(controller, "observe", observe)
+    used = []  # what scales(step) returned, as it was at that moment
+    original_scales = controller.scales
+
+    def scales_spy(step):
+        scales = original_scales(step)
+        used.append(scales.clone())
+        return scales
+
+    monkeypatch.setattr(controller, "scales", scales_spy)
     steps_checked = 0
     for x, y in run.batches():
-        scales = controller.scales(run.step)
+        step = run.step
+        mask = controller.trainable(step)
+        if mask is not None:
+            assert len(mask) == num_layers and any(mask), "at least one layer must train"
+        with count_host_syncs() as syncs:
+            run.train_step(x, y)
+        assert syncs == [], f"host-device syncs inside the step: {syncs}"
+        assert len(used) == steps_checked + 1, "the loop calls scales(step) exactly once per step"
+        scales = used[-1]
         assert isinstance(scales, torch.Tensor) and scales.shape == (num_layers,)
         assert scales.dtype == torch.float32 and scales.device == run.device
         assert torch.isfinite(scales).all() and (scales >= 0).all()
-        mask = controller.trainable(run.step)
-        if mask is not None:
-            assert len(mask) == num_layers and any(mask), "at least one layer must train"
         zero = (scales == 0).tolist()
         if any(zero):
             assert mask is not None and all(not m for m, z in zip(mask, zero) if z), \
                 "a zero scale is only allowed for a layer reported frozen by trainable()"
-        with count_host_syncs() as syncs:
-            run.train_step(x, y)
-        assert syncs == [], f"host-device syncs inside the step: {syncs}"
+        # The trace is the truth: its row is the scales used, and so are the optimizer's LRs.
+        assert torch.equal(run.trace[step], scales), "llr.csv must hold the scales used at this step"
+        global_lr = run.plan.lr_table[step]
+        for group in run.optimizer.param_groups:
+            expected = scales[group["layer"]] * global_lr if group["kind"] == 0 or controller.scale_1d else global_lr
+            assert torch.equal(group["lr"], expected), f"layer {group['layer']}: LR used != global_lr * scale"
         steps_checked += 1
     assert steps_checked == run.steps_per_epoch
     for keys in seen_stats:
