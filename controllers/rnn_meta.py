@@ -376,9 +376,20 @@ class RNNMeta(Controller):
         layer_of = {id(p): layer.index for layer in self.layers for p in layer.params}
         log_scales = self.current.log()
         lr = self.plan.global_lr(step)
+        spec, optimizer = self.plan.optimizer, self.lookahead.optimizer
+        if spec.name != "sgd":
+            raise UserError("controller.learn=unrolled looks ahead through SGD steps; use trainer.optimizer=sgd")
+        params = [p for layer in self.layers for p in layer.params]
+        decay = {id(p): spec.weight_decay if (p.dim() > 1 or spec.decay_1d) else 0.0 for p in params}
+        buffers = {}
+        if optimizer is not None:  # the run's momentum buffers: the lookahead continues its optimizer
+            buffers = {id(p): optimizer.state[p]["momentum_buffer"] for p in params
+                       if optimizer.state.get(p, {}).get("momentum_buffer") is not None}
+        scaled = None if self.scale_1d else {id(p) for p in params if p.dim() > 1}
         with torch.enable_grad():
             _, grad = unrolled_hypergradient(model, loss_fn, log_scales, layer_of, train_batches[:self.unroll],
-                                             held_out, lr)
+                                             held_out, lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                                             decay_of=decay, momentum_buffers=buffers, scaled=scaled)
         return grad.detach()
 
     # ------------------------------------------------------------------ state

@@ -131,6 +131,9 @@ class Lookahead:
     # sample_batches(k) -> ([(x, y)] * k, (x, y)): k fresh augmented training batches and one
     # held-out batch (the validation split), inputs normalised, on the device; its own RNG stream.
     sample_batches: Callable[[int], tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]]
+    # The run's optimizer (its state: momentum buffers), set once the run has built it (after
+    # the controller's setup): read it when looking ahead, never step it.
+    optimizer: torch.optim.Optimizer | None = None
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class Run:
         self.scale_1d = bool(self.controller.scale_1d)
         self.optimizer = layer_optimizer(self.layers, self.group_lrs, t, self.scale_1d)
         self.fused_step = FusedStep(self.optimizer)  # optimizer.step(), minus torch.optim's per-group Python
+        self.plan.lookahead.optimizer = self.optimizer
 
         # Per-step statistics machinery: a flat list of params with their layer index, and one
         # buffer holding the weights before the step (later the negated update) when needed.
