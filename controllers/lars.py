@@ -7,10 +7,17 @@ biases and normalisation parameters keep scale 1, i.e. the global LR):
     lars:             scale_l = trust · ‖θ_l‖ / (‖g_l‖ + wd·‖θ_l‖)
     LARC (trust_clip): scale_l = min(trust · ‖θ_l‖ / (‖g_l‖ + wd·‖θ_l‖) / η(t), 1)
 
-with the ratio 1 where ``‖θ_l‖`` or ``‖g_l‖`` is 0 (``trust=0.001``, the paper's η; ``wd``,
-the paper's β, default 5e-4 like ``trainer.weight_decay``: keep the two equal). LARS multiplies the global LR, so it expects the large
-global LRs of the paper (e.g. ``trainer.lr`` of order 1..10); LARC caps each layer at the
-global LR and needs no such change. Then clamp to ``[min_scale, max_scale]``.
+with the ratio 1 where ``‖θ_l‖`` or ``‖g_l‖`` is 0 (``trust``, the paper's η; ``wd``, the
+paper's β, default 5e-4 like ``trainer.weight_decay``: keep the two equal); then clamped to
+``[min_scale, max_scale]``.
+
+Defaults: LARC with ``trust=0.02`` (the clipped form and coefficient of NVIDIA's LARC), which
+trains at the default ``trainer.lr``: on digits (shallow, 10 epochs, seed 0) 0.9944 test
+accuracy, as ``uniform``; most kernels sit at the clip (scale 1) and the head is slowed where
+its gradient is large. Plain LARS multiplies the global LR by ``trust·‖θ‖/‖g‖`` (≈ 0.01–0.05
+here), so it needs the large global LRs of the paper: ``controller.trust_clip=false
+controller.trust=0.001 trainer.lr=5`` (digits 0.9972; at ``trainer.lr=0.05`` it reaches only
+0.7333, since every layer then steps at ~1e-3).
 
 Timing: the loop calls ``scales(t)`` after step t's backward and before its update, so the
 ratio uses this step's gradient ``g(t)`` and the weights ``θ(t)`` it updates, as in the paper
@@ -40,7 +47,7 @@ def trust_ratio(weight_norm: torch.Tensor, grad_norm: torch.Tensor, trust: float
 
 @register("lars")
 class Lars(Controller):
-    def __init__(self, trust: float = 0.001, wd: float = 5e-4, trust_clip: bool = False, exclude_1d: bool = True,
+    def __init__(self, trust: float = 0.02, wd: float = 5e-4, trust_clip: bool = True, exclude_1d: bool = True,
                  min_scale: float = 1e-4, max_scale: float = 100.0):
         if trust <= 0:
             raise ValueError(f"trust must be > 0, got {trust}")
