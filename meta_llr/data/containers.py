@@ -80,7 +80,9 @@ class DataConfig:
     section: ClassVar[str] = "data"
     name: str = opt("digits", choices=DATASET_NAMES, doc="the data source")
     val_size: int = opt(0, ge=0, doc="> 0: hold out this many train images as a validation split")
-    split_seed: int = opt(0, ge=0, doc="seeds the val holdout")
+    split_seed: int = opt(0, ge=0, doc="seeds the val holdout and the train subset")
+    train_subset: int = opt(0, ge=0, doc="> 0: train on this many of the (remaining) train images, "
+                                         "class-stratified and fixed by split_seed (0: all)")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
@@ -175,6 +177,10 @@ def _finish(cfg: Any, name: str, train: Split, test: Split, classes: list[str], 
         keep, hold = stratified_holdout(train.y, val_size, split_seed)
         val = _take(train, hold)
         train = _take(train, keep)
+    subset = int(getattr(cfg, "train_subset", 0) or 0)
+    if 0 < subset < len(train):  # a fixed, class-stratified subset (the same for every run with this split_seed)
+        _, kept = stratified_holdout(train.y, subset, split_seed + 1)
+        train = _take(train, kept)
     mean, std = _channel_stats(train.x)
     return Dataset(
         name=name,
