@@ -14,7 +14,7 @@ batches already on the device, the same optimizer hyper-parameters:
   comparison then measures only what the framework adds (per-layer groups with tensor LRs,
   controller, statistics, accumulators), not a different SGD kernel.
 * the framework's ``Run.train_step`` with ``uniform`` and with every registered controller,
-  each ``Run`` built from the real Hydra config (``controller=NAME`` with its YAML defaults).
+  each ``Run`` built from the real config (``controller=NAME`` with its defaults).
 
 Timing: variants are interleaved (round-robin blocks of ``--block`` steps, the starting
 variant rotating each round, and a block of ``bare`` right before every variant's block) so
@@ -87,7 +87,7 @@ RATIO_BY_NAME = {"uniform": 1.03, "hessian_secant": 1.10, "adam_probe": 1.10, "l
                  "hypergrad": 1.10, "rnn_meta": 1.25}
 MEMORY_RATIO = 2.0
 MEMORY_PER_LAYER = 1024  # bytes of allowance per layer for per-layer scalars on top of 2x the parameters
-# Options a controller is benchmarked with, where they exist in its YAML (the issue's setting).
+# Options a controller is benchmarked with, where it has them (the issue's setting).
 BENCH_OVERRIDES = {"rnn_meta": {"learn": "online"}}
 SYNC_CHECK_STEPS = 50
 DEFAULTS = {"cpu": dict(batch=256, steps=8, warmup=1, block=1),

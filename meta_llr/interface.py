@@ -220,6 +220,6 @@ class Controller(ABC):
 
     @classmethod
     def example_options(cls, tmp_dir) -> dict:
-        """Options that make a runnable example (for tests and docs) when the YAML defaults
+        """Options that make a runnable example (for tests and docs) when the defaults
         alone cannot, e.g. a file to read written into ``tmp_dir``; default ``{}``."""
         return {}

@@ -2,9 +2,9 @@
 
 The command keeps its name; what it draws are the baselines' *curves* (``scale_l`` against the
 fraction of training; the global LR *schedule* is :mod:`meta_llr.schedules`, held constant here).
-For each controller config in ``meta_llr/conf/controller/`` whose controller lives in
-``baselines/`` and needs no training statistics, builds the controller from its YAML
-defaults, runs its real ``setup`` on a stub net of ``--layers`` layers (a config whose
+For each ``controller=`` choice (every registered baseline and each preset such as
+``fixed_linear_discussion``) whose controller lives in ``baselines/`` and needs no training
+statistics, builds the controller from its defaults, runs its real ``setup`` on a stub net of ``--layers`` layers (a config whose
 lists fix the layer count, like ``fixed_linear_discussion``, gets that count) and a run
 of ``--epochs`` epochs, and plots ``scale`` against the fraction of training, one line
 per layer coloured by depth. Writes ``OUT/schedules/NAME.png`` per config and the
