@@ -132,8 +132,9 @@ def data_overrides(data: str, synthetic_size: int = SYNTHETIC_TRAIN_SIZE) -> lis
 
 
 def controller_overrides(name: str, cls, workdir: Path) -> list[str]:
-    """The bench's setting for ``name`` (where the controller has the option), plus the options a
-    controller needs to run at all (``Controller.example_options``, e.g. a file to read)."""
+    """The bench's setting for ``name`` (where the controller has the option), plus what a
+    controller needs to run at all: ``Controller.example_options`` (e.g. a file to read) and the
+    overrides it ``requires`` (lamb: AdamW, so its ratio to the SGD bare loop includes AdamW's cost)."""
     import dataclasses
 
     from meta_llr.registry import CONTROLLER_CONFIGS
@@ -144,7 +145,7 @@ def controller_overrides(name: str, cls, workdir: Path) -> list[str]:
     if example is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         options.update(example(workdir))
-    return [f"controller.{k}={v}" for k, v in options.items()]
+    return [*cls.requires, *(f"controller.{k}={v}" for k, v in options.items())]
 
 
 # ----------------------------------------------------------------------------- the yardstick

@@ -12,12 +12,19 @@ Pooling rules (never silent):
 * inside a group, runs whose configs differ in anything else (LR, schedule, controller
   options; seeds and paths excepted) are split into sub-groups ``label [key=value]``;
 * a ``diverged``, ``failed``, ``incomplete`` or ``unreadable`` run is counted in its group and
-  left out of every mean and test (its last numbers are not a result).
+  left out of every mean and test (its last numbers are not a result); the tables say how
+  many and why (``5 runs, 1 diverged (loss_explosion)``; ``compare.csv`` columns ``diverged``
+  and ``diverged_reasons``, e.g. ``loss_explosion:1``). A run at chance that finished is a
+  result and stays in; a group whose mean final test accuracy is within 1 point (0.01) of
+  ``chance_acc`` (the majority-class frequency of the test split, from ``summary.json``) is
+  flagged ``at chance`` (column ``near_chance``) with a note.
 
 Per group, over its finished runs (``n``): mean ± sample std (ddof 1) and the two-sided 95%
 t confidence interval ``mean ± t_{0.975, n-1} s / sqrt(n)`` of the final and best test
 accuracy; steps and epochs to the target test accuracy (first evaluation at or above it;
-median over the runs that reached it, and how many never did); ``loss_auc``, the area under
+median over the runs that reached it, and how many never did; resolved by the evaluation rows
+of ``metrics.jsonl``: once per epoch by default, every N steps with
+``trainer.eval_every_steps=N``, whose rows carry fractional epochs); ``loss_auc``, the area under
 the per-step training loss against epochs (``sum_i train_loss_i * epochs since the last
 evaluation``; lower = trains faster); the generalisation gap ``final_train_acc -
 final_test_acc`` (the train accuracy is the running mean over the last epoch, with
@@ -56,7 +63,9 @@ METRICS = ("final_test_acc", "best_test_acc", "loss_auc", "steps_to_target", "ep
 # Config keys that may differ inside a group without splitting it.
 IGNORED_KEYS = ("seed", "study", "quiet", "device", "logger", "wandb", "paths", "hydra", "arm",
                 "trainer.resume", "trainer.checkpoint", "trainer.compile", "trainer.log_every",
-                "trainer.eval_batch_size", "trainer.trace_every", "data.root", "data.path")
+                "trainer.eval_batch_size", "trainer.trace_every", "trainer.divergence_factor",
+                "data.root", "data.path")
+NEAR_CHANCE = 0.01  # a group mean within this of chance_acc is flagged
 
 
 # ----------------------------------------------------------------------------- per run
@@ -124,6 +133,33 @@ class Group:
     def counts(self) -> dict:
         statuses = [r.status for r in self.runs]
         return {s: statuses.count(s) for s in ("finished", "diverged", "failed", "incomplete", "unreadable")}
+
+    def reasons(self) -> dict[str, int]:
+        """Diverged runs per reason, most frequent first."""
+        reasons = [r.reason for r in self.runs if r.status == "diverged"]
+        return {k: reasons.count(k) for k in sorted(set(reasons), key=lambda k: (-reasons.count(k), k))}
+
+    def describe(self) -> str:
+        """``5 runs, 1 diverged (loss_explosion), 1 failed``: what the means leave out, and why."""
+        text = f"{len(self.runs)} run{'s' if len(self.runs) != 1 else ''}"
+        for status, count in self.counts().items():
+            if status == "finished" or not count:
+                continue
+            text += f", {count} {status}"
+            if status == "diverged":
+                reasons = self.reasons()
+                text += " (" + ", ".join(k if len(reasons) == 1 else f"{v} {k}" for k, v in reasons.items()) + ")"
+        return text
+
+    def chance_acc(self) -> float:
+        """The runs' recorded chance accuracy (the same for one setting), NaN if none recorded."""
+        values = [r.chance_acc for r in self.runs if r.chance_acc is not None]
+        return float(np.mean(values)) if values else math.nan
+
+    def near_chance(self) -> bool:
+        """The finished runs' mean final test accuracy is within NEAR_CHANCE of chance (or below)."""
+        accs = self.metric("final_test_acc")
+        return bool(len(accs) and accs.mean() <= self.chance_acc() + NEAR_CHANCE)  # NaN chance: False
 
     def metric(self, key: str) -> np.ndarray:
         x = np.asarray([v.get(key, math.nan) for v in self.values], dtype=np.float64)
@@ -221,10 +257,13 @@ def compare(runs: list[RunDir], baseline: str = "uniform", metric: str = "final_
                                  f"(groups: {', '.join(setting.groups)}; choose one with --baseline)")
         setting_rows = []
         for group in setting.groups.values():
-            row = {"setting": setting.title, "group": group.label, "runs": len(group.runs), **group.counts()}
+            row = {"setting": setting.title, "group": group.label, "runs": len(group.runs), **group.counts(),
+                   "diverged_reasons": ";".join(f"{k}:{v}" for k, v in group.reasons().items())}
             for key in ("final_test_acc", "best_test_acc"):
                 summary = mean_ci(group.metric(key))
                 row.update({f"{key}_{k}": v for k, v in summary.items() if k != "n"})
+            row["chance_acc"] = group.chance_acc()
+            row["near_chance"] = group.near_chance()
             reached = group.metric("steps_to_target")
             row["target_acc"] = target
             row["reached_target"] = len(reached)
@@ -251,11 +290,14 @@ def compare(runs: list[RunDir], baseline: str = "uniform", metric: str = "final_
         for row, adjusted in zip(setting_rows, holm([r["p"] for r in setting_rows])):
             row["p_holm"] = adjusted
         rows.extend(setting_rows)
-        for group in setting.groups.values():
-            bad = {k: v for k, v in group.counts().items() if k != "finished" and v}
-            if bad:
-                setting.notes.append(f"group {group.label}: " + ", ".join(f"{v} {k}" for k, v in bad.items())
-                                     + " run(s), counted but left out of means and tests")
+        for group, row in zip(setting.groups.values(), setting_rows):
+            if any(v for k, v in group.counts().items() if k != "finished"):
+                setting.notes.append(f"group {group.label}: {group.describe()}; only the "
+                                     f"{group.counts()['finished']} finished count in means and tests")
+            if row["near_chance"]:
+                setting.notes.append(f"group {group.label}: mean final test accuracy {row['final_test_acc_mean']:.4f} "
+                                     f"is within {NEAR_CHANCE * 100:g} point of chance ({row['chance_acc']:.4f}): "
+                                     "its runs finished but learned (almost) nothing")
     return Comparison(settings, baseline, metric, target, rows, by)
 
 
@@ -463,18 +505,19 @@ def markdown(comparison: Comparison, figures: dict[str, list[str]], title: str =
     total = sum(len(g.runs) for s in c.settings for g in s.groups.values())
     w(f"# {title}\n\n{total} runs in {len(c.settings)} setting(s). Groups by `{c.by}`; "
       f"baseline `{c.baseline}`; tested metric `{c.metric}`; target test accuracy "
-      f"{_fmt(c.target, 3)}. Means ± sample std [95% t-interval] over finished runs.\n\n")
+      f"{_fmt(c.target, 3)}. Means ± sample std [95% t-interval] over finished runs; diverged, failed "
+      "and incomplete runs are counted in the runs column and left out of every mean and test.\n\n")
     for setting in c.settings:
         rows = [r for r in c.rows if r["setting"] == setting.title]
         w(f"## {setting.title}\n\n")
         for note in setting.notes:
             w(f"> **Note:** {note}.\n\n")
-        w("| group | runs (fin/div/fail) | final test acc | best test acc | steps to target (median, reached) "
+        w("| group | runs | final test acc | best test acc | steps to target (median, reached) "
           "| epochs to target | loss AUC | gen gap | wall s |\n|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            others = r["failed"] + r["incomplete"] + r["unreadable"]
-            w(f"| {r['group']} | {r['runs']} ({r['finished']}/{r['diverged']}/{others}) "
-              f"| {_pm(r, 'final_test_acc')} | {_pm(r, 'best_test_acc')} "
+        for r, group in zip(rows, setting.groups.values()):
+            chance = f" (at chance {r['chance_acc']:.3f})" if r["near_chance"] else ""
+            w(f"| {r['group']} | {group.describe()} "
+              f"| {_pm(r, 'final_test_acc')}{chance} | {_pm(r, 'best_test_acc')} "
               f"| {_fmt(r['steps_to_target_median'], 0)} ({r['reached_target']}/{r['finished']}) "
               f"| {_fmt(r['epochs_to_target_median'], 1)} | {_fmt(r['loss_auc_mean'])} "
               f"| {_fmt(r['gen_gap_mean'])} | {_fmt(r['wall_s_mean'], 1)} |\n")

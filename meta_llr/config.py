@@ -28,6 +28,29 @@ GROUPS = ("controller", "model", "data", "schedule")
 
 @dataclass
 class TrainerConfig:
+    """``trainer``: the loop's options.
+
+    Evaluations: at the end of every ``eval_every``-th epoch and of the last epoch, and with
+    ``eval_every_steps=N`` also after every N-th step (counted over the whole run). An
+    evaluation inside an epoch writes a ``metrics.jsonl`` row whose ``epoch`` is the fraction
+    of training done, ``step / steps_per_epoch`` (a float, e.g. 2.5), and whose ``train_loss``
+    and ``train_acc`` cover the steps since the previous evaluation; an evaluation at the end
+    of an epoch keeps the integer epoch. ``layer_stats.csv`` and the curvature probe stay per
+    epoch (their statistics are taken at an epoch's last step). Without ``eval_every_steps``
+    the rows are exactly those of before.
+
+    Training loss: at every ``log_every``-th step and at the last step (the log points) the
+    mean training loss of the interval since the previous log point is kept on the device and
+    written to ``train_loss.csv`` (``step, epoch, train_loss, lr``; ``epoch`` the fraction
+    ``step / steps_per_epoch``, ``lr`` the global LR of the interval's last step) at every
+    evaluation and at the end, one row per log interval.
+
+    Divergence, checked at the log points (one host transfer each) and at the end of every
+    epoch: the run stops with status ``diverged`` and ``reason`` ``non_finite`` when the
+    training loss is NaN or infinite, or ``loss_explosion`` when a log interval's mean
+    training loss exceeds ``divergence_factor`` times the first log interval's.
+    """
+
     section: ClassVar[str] = "trainer"
     epochs: int = opt(10, ge=1, doc="passes over the training set")
     batch_size: int = opt(128, ge=1)
@@ -41,7 +64,11 @@ class TrainerConfig:
     label_smoothing: float = opt(0.0, ge=0, lt=1)
     eval_every: int = opt(1, ge=1, doc="epochs between evaluations (the last epoch is always evaluated)")
     eval_batch_size: int = opt(1024, ge=1)
-    log_every: int = opt(50, ge=1, doc="steps between progress updates and divergence checks")
+    eval_every_steps: Optional[int] = opt(None, ge=1, nullable=True,
+                                          doc="N: also evaluate after every N-th step (null: per epoch only)")
+    log_every: int = opt(50, ge=1, doc="steps between progress updates, train_loss.csv rows and divergence checks")
+    divergence_factor: float = opt(20.0, gt=1, doc="diverged (loss_explosion) when a log interval's mean "
+                                                   "training loss exceeds this times the first interval's")
     trace_every: Optional[int] = opt(None, ge=1, nullable=True, doc="steps between llr.csv rows; null: >= 200 rows")
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), doc="auto: bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = opt(False, free=True, doc="torch.compile the model")

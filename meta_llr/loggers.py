@@ -8,9 +8,15 @@ Weights & Biases (config node ``wandb:``), at evaluation points only, never insi
   table groups runs by study and then by controller, pooling seeds, with no manual set-up;
 * per evaluation: ``epoch``, ``step``, ``train_loss``, ``train_acc``, ``test_loss``,
   ``test_acc`` (``val_*``), ``lr``, ``wall_s``;
-* the LLR trace, one series per layer ``llr/<layer>`` plus ``global_lr`` and ``progress``,
-  all against ``step`` (``define_metric("llr/*", step_metric="step")``), and at the end a
-  line-series chart ``llr_trace`` of every layer's scale;
+* the LLR trace, one series per layer ``llr/<layer>`` (the scale) and ``lr/<layer>`` (the
+  absolute LR, ``global_lr × scale``) plus ``global_lr`` and ``progress``, at every row of
+  ``llr.csv`` (every ``trainer.trace_every`` steps), all against ``step``
+  (``define_metric("llr/*", step_metric="step")``), and at the end a line-series chart
+  ``llr_trace`` of every layer's scale;
+* the training loss per log interval, ``train_loss_interval`` against ``step`` (the rows of
+  ``train_loss.csv``, logged at each evaluation);
+* per evaluation, each table the controller writes (``Controller.records()``, e.g.
+  ``freezing.csv``, ``adam_probe.csv``) as a ``wandb.Table`` ``tables/<name>``;
 * per-layer diagnostics ``<stat>/<layer>`` (``rotation``, ``weight_norm``, ``grad_norm``,
   ``update_ratio``, ``effective_lr``);
 * the summary (status, accuracies, steps, wall time, last per-layer diagnostics).
@@ -22,6 +28,7 @@ once and the run continues with the csv records only.
 """
 from __future__ import annotations
 
+import math
 import netrc
 import os
 import warnings
@@ -38,8 +45,12 @@ class Logger:
     """Receives what the run records hold, at evaluation points (never inside a step)."""
 
     def log_evaluation(self, row: dict, trace_header: list[str], trace_rows: list[list],
-                       layer_rows: list[dict]) -> None:
-        pass
+                       layer_rows: list[dict], tables: dict[str, list[dict]] | None = None,
+                       train_loss_rows: list[list] | None = None) -> None:
+        """``row``: the metrics.jsonl row; ``trace_rows``: the llr.csv rows since the last call
+        (``step, progress, global_lr, scale per layer``); ``layer_rows``: layer_stats.csv rows
+        of this evaluation (none inside an epoch); ``tables``: the controller's records();
+        ``train_loss_rows``: the train_loss.csv rows since the last call."""
 
     def finish(self, summary: dict) -> None:
         pass
@@ -111,7 +122,7 @@ class WandbLogger(Logger):
                 return
         try:
             self.run.define_metric("step")
-            for pattern in ("llr/*", "global_lr", "progress", "epoch", "train_*", "test_*", "val_*", "lr",
+            for pattern in ("llr/*", "lr/*", "global_lr", "progress", "epoch", "train_*", "test_*", "val_*", "lr",
                             "wall_s", "rotation/*", "weight_norm/*", "grad_norm/*", "update_ratio/*",
                             "effective_lr/*"):
                 self.run.define_metric(pattern, step_metric="step")
@@ -129,27 +140,43 @@ class WandbLogger(Logger):
         except Exception:  # noqa: BLE001
             pass
 
-    def log_evaluation(self, row, trace_header, trace_rows, layer_rows) -> None:
+    def log_evaluation(self, row, trace_header, trace_rows, layer_rows, tables=None, train_loss_rows=None) -> None:
         if self.run is None:
             return
         try:
+            by_step: dict[int, dict] = {}  # steps before this evaluation, logged first, in order
             if trace_rows:
                 self.trace_header = list(trace_header)
                 self.trace_rows.extend(trace_rows)
                 names = trace_header[3:]
-                for trace_row in trace_rows:  # steps before this evaluation: log them first
+                for trace_row in trace_rows:
                     step, progress, global_lr, *scales = trace_row
-                    entry = {"step": step, "progress": progress, "global_lr": global_lr}
+                    entry = by_step.setdefault(step, {"step": step})
+                    entry.update(progress=progress, global_lr=global_lr)
                     entry.update({f"llr/{name}": value for name, value in zip(names, scales)})
-                    self.run.log(entry)
-            entry = dict(row)
+                    entry.update({f"lr/{name}": global_lr * value for name, value in zip(names, scales)})
+            for step, _epoch, loss, _lr in train_loss_rows or []:
+                if loss is not None and math.isfinite(loss):
+                    by_step.setdefault(step, {"step": step})["train_loss_interval"] = loss
+            for step in sorted(by_step):
+                self.run.log(by_step[step])
+            entry = {k: v for k, v in row.items() if v is not None}
             for layer_row in layer_rows:
                 for key, value in layer_row.items():
                     if key not in ("epoch", "step", "layer", "name") and value is not None:
                         entry[f"{key}/{layer_row['name']}"] = value
+            for name, rows in (tables or {}).items():
+                if rows:
+                    entry[f"tables/{name}"] = self._table(rows)
             self.run.log(entry)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
+
+    def _table(self, rows: list[dict]):
+        """A controller's records() rows as a wandb.Table (columns: the union of their keys)."""
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        data = [[_cell(row.get(k)) for k in columns] for row in rows]
+        return self.wandb.Table(columns=columns, data=data, allow_mixed_types=True)
 
     def finish(self, summary: dict) -> None:
         if self.run is None:
@@ -177,13 +204,20 @@ class Loggers(Logger):
     def __init__(self, loggers: list[Logger]):
         self.loggers = loggers
 
-    def log_evaluation(self, *args) -> None:
+    def log_evaluation(self, *args, **kwargs) -> None:
         for logger in self.loggers:
-            logger.log_evaluation(*args)
+            logger.log_evaluation(*args, **kwargs)
 
     def finish(self, summary: dict) -> None:
         for logger in self.loggers:
             logger.finish(summary)
+
+
+def _cell(value):
+    """A table cell W&B can serialise: non-finite floats as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def make_logger(cfg: DictConfig, out_dir: Path) -> Logger:

@@ -5,16 +5,22 @@
 ``layers.csv``    the layer table: index, name, modules, params, group
 ``metrics.jsonl`` one JSON object per evaluation (epoch, step, train/test loss and acc, lr, wall_s)
 ``llr.csv``       the LLR trace: step, progress, global_lr, then one column per layer (its scale)
-``summary.json``  written last: status (finished | diverged | failed), accuracies, steps, wall_s
+``train_loss.csv`` one row per log interval: step, epoch, train_loss (the interval's mean), lr
+``summary.json``  written last: status (finished | diverged | failed), with ``reason``
+                  (non_finite | loss_explosion) when diverged, accuracies, chance_acc, steps, wall_s
 
 Every write goes to a temporary file in the same directory and is renamed over the target,
-so an interrupted run never leaves a half-written file.
+so an interrupted run never leaves a half-written file. JSON files hold strict JSON: a
+non-finite number (a NaN or infinite loss) is written as ``null``, never ``NaN``/``Infinity``
+(which most JSON readers reject). CSV files write such numbers as ``nan``/``inf``, which
+csv readers, numpy and pandas parse as floats.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -24,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-SUMMARY, METRICS, TRACE, LAYERS, CONFIG, ENV = (
-    "summary.json", "metrics.jsonl", "llr.csv", "layers.csv", "config.yaml", "env.json")
+SUMMARY, METRICS, TRACE, LAYERS, CONFIG, ENV, TRAIN_LOSS = (
+    "summary.json", "metrics.jsonl", "llr.csv", "layers.csv", "config.yaml", "env.json", "train_loss.csv")
+TRAIN_LOSS_HEADER = ("step", "epoch", "train_loss", "lr")
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
@@ -100,9 +107,10 @@ class RunRecords:
         self.metrics: list[dict] = []
         self.trace_rows: list[list] = []
         self.trace_header: list[str] = []
+        self.train_loss_rows: list[list] = []
 
     def write_json(self, name: str, obj: Mapping) -> None:
-        write_atomic(self.dir / name, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+        write_atomic(self.dir / name, dumps(obj, indent=2) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
         write_atomic(self.dir / name, text)
@@ -112,22 +120,48 @@ class RunRecords:
         self.write_text(LAYERS, csv_text(header, ([row[k] for k in header] for row in rows)))
 
     def add_metrics(self, row: Mapping) -> None:
-        self.metrics.append(dict(row))
-        self.write_text(METRICS, "".join(json.dumps(r, default=_jsonable) + "\n" for r in self.metrics))
+        self.metrics.append(finite_or_none(dict(row)))
+        self.write_text(METRICS, "".join(dumps(r) + "\n" for r in self.metrics))
 
     def add_trace(self, header: list[str], rows: list[list]) -> None:
         self.trace_header = header
         self.trace_rows.extend(rows)
         self.write_text(TRACE, csv_text(header, self.trace_rows))
 
+    def add_train_loss(self, rows: list[list]) -> None:
+        """Append ``[step, epoch, train_loss, lr]`` rows and rewrite ``train_loss.csv``."""
+        self.train_loss_rows.extend(rows)
+        self.write_text(TRAIN_LOSS, csv_text(TRAIN_LOSS_HEADER, self.train_loss_rows))
+
     def state_dict(self) -> dict:
         return {"metrics": list(self.metrics), "trace_rows": list(self.trace_rows),
-                "trace_header": list(self.trace_header)}
+                "trace_header": list(self.trace_header), "train_loss_rows": list(self.train_loss_rows)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.metrics = list(state["metrics"])
         self.trace_rows = list(state["trace_rows"])
         self.trace_header = list(state["trace_header"])
+        self.train_loss_rows = list(state.get("train_loss_rows", []))  # checkpoints before the file
+
+
+def finite_or_none(obj):
+    """``obj`` with every non-finite float (NaN, ±inf), at any depth, replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON: non-finite numbers become ``null`` (``json.dumps`` would write ``NaN``)."""
+    return json.dumps(finite_or_none(obj), default=_jsonable_finite, allow_nan=False, **kwargs)
+
+
+def _jsonable_finite(value):
+    return finite_or_none(_jsonable(value))
 
 
 def _jsonable(value):

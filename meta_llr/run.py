@@ -61,6 +61,7 @@ class Run:
 
         # Data: the whole dataset lives on the device as uint8.
         self.data_name, self.synthetic, self.data_source = data.name, data.synthetic, data.source
+        self.chance_acc = chance_accuracy(data.test.y)
         self.train_x, self.train_y = data.train.x.to(device), data.train.y.to(device)
         self.eval_splits = {"test": data.test}
         if data.val is not None:
@@ -144,11 +145,20 @@ class Run:
         self.seen = 0
         self.best = {}
         self.wall_before = 0.0
-        self.status, self.error = "running", None
+        self.status, self.error, self.reason = "running", None, None
         self.trace_every = int(cfg.trainer.trace_every or max(1, total // 200))
         self.trace = torch.zeros(math.ceil(total / self.trace_every), num_layers, device=device)
         self.trace_flushed = 0
         self.log_every = int(t.log_every)
+        # Training loss per log interval (train_loss.csv): row k is the mean loss of the steps up
+        # to min((k+1) * log_every, total), kept on the device and flushed at evaluations. The
+        # interval's sum is loss_sum - loss_base (loss_base follows loss_sum's resets).
+        self.divergence_factor = float(t.divergence_factor)
+        self.loss_log = torch.full((math.ceil(total / self.log_every),), math.nan, device=device)
+        self.loss_base = torch.zeros((), device=device)
+        self.seen_base = 0
+        self.loss_logged = self.loss_flushed = 0
+        self.eval_every_steps = int(t.eval_every_steps or 0)
         self.label_smoothing = float(t.label_smoothing)
         self.eval_every = int(t.eval_every)
         self.eval_batch = int(t.eval_batch_size)
@@ -284,8 +294,27 @@ class Run:
             yield x, self.train_y[index]
         self.order, self.position = None, 0
 
-    def diverged(self) -> bool:
-        return not bool(torch.isfinite(self.loss_sum).item())  # a host sync, at log points only
+    def log_interval(self) -> torch.Tensor:
+        """Close the log interval ending at this step: its mean training loss (0-d, on the
+        device, no sync) goes to row ``loss_logged`` of ``loss_log``."""
+        mean = (self.loss_sum - self.loss_base) / max(self.seen - self.seen_base, 1)
+        self.loss_log[self.loss_logged] = mean
+        self.loss_base.copy_(self.loss_sum)
+        self.seen_base = self.seen
+        self.loss_logged += 1
+        return mean
+
+    def diverged(self, interval_loss: torch.Tensor | None = None) -> str | None:
+        """Why the run diverged (``non_finite`` or ``loss_explosion``), or None. One host
+        transfer, at log points and epoch ends only. ``interval_loss`` (a log interval's mean,
+        from :meth:`log_interval`) is also checked against ``divergence_factor`` times the
+        first interval's; without it only finiteness is checked."""
+        finite = torch.isfinite(self.loss_sum)
+        if interval_loss is None:
+            return None if bool(finite.item()) else "non_finite"
+        exploded = interval_loss > self.divergence_factor * self.loss_log[0]  # NaN compares False
+        finite, exploded = torch.stack([finite & torch.isfinite(interval_loss), exploded]).tolist()
+        return "non_finite" if not finite else "loss_explosion" if exploded else None
 
     @torch.no_grad()
     def evaluate(self, split: str) -> tuple[float, float]:
@@ -304,7 +333,12 @@ class Run:
         return loss.item() / n, correct.item() / n
 
     def log_evaluation(self, wall: float) -> dict:
-        row = {"epoch": self.epoch, "step": self.step,
+        """Evaluate and write the records. At an epoch's end ``epoch`` is the epoch count (an
+        int); inside an epoch (``eval_every_steps``) the fraction ``step / steps_per_epoch``,
+        and the per-layer diagnostics (taken at an epoch's last step) are not repeated."""
+        mid_epoch = self.position != 0
+        epoch = round(self.step / self.steps_per_epoch, 6) if mid_epoch else self.epoch
+        row = {"epoch": epoch, "step": self.step,
                "train_loss": self.loss_sum.item() / max(self.seen, 1),
                "train_acc": self.correct.item() / max(self.seen, 1)}
         for split in self.eval_splits:
@@ -313,12 +347,20 @@ class Run:
         row["lr"] = float(self.lr_host[min(self.step, self.plan.total_steps) - 1])
         row["wall_s"] = wall
         self.records.add_metrics(row)
-        layer_rows = self.diagnostics.at_evaluation(self.epoch, self.step)
-        self.records.write_text(LAYER_STATS, self.diagnostics.csv())
-        for name, rows in self.controller.records().items():
+        row = self.records.metrics[-1]  # as written: non-finite values are None
+        layer_rows = []
+        if not mid_epoch:
+            layer_rows = self.diagnostics.at_evaluation(self.epoch, self.step)
+            self.records.write_text(LAYER_STATS, self.diagnostics.csv())
+        tables = self.controller.records()
+        for name, rows in tables.items():
             self.records.write_text(f"{name}.csv", rows_csv(rows))
         new_trace = self.flush_trace()
-        self.logger.log_evaluation(row, self.records.trace_header, new_trace, layer_rows)
+        new_loss = self.flush_train_loss()
+        self.logger.log_evaluation(row, self.records.trace_header, new_trace, layer_rows,
+                                   tables=tables, train_loss_rows=new_loss)
+        self.loss_base.sub_(self.loss_sum)  # the open log interval keeps its sum across the reset
+        self.seen_base -= self.seen
         self.loss_sum.zero_()
         self.correct.zero_()
         self.seen = 0
@@ -339,6 +381,21 @@ class Run:
         self.trace_flushed = rows_done
         return rows
 
+    def flush_train_loss(self) -> list[list]:
+        """Write the log intervals closed since the last flush to train_loss.csv; return them."""
+        if self.loss_logged <= self.loss_flushed:
+            return []
+        values = self.loss_log[self.loss_flushed:self.loss_logged].cpu().tolist()
+        rows = []
+        for k, value in enumerate(values, start=self.loss_flushed):
+            step = min((k + 1) * self.log_every, self.plan.total_steps)
+            if k == self.loss_logged - 1 and self.step < step:  # an interval closed early (divergence)
+                step = self.step
+            rows.append([step, round(step / self.steps_per_epoch, 6), value, float(self.lr_host[step - 1])])
+        self.records.add_train_loss(rows)
+        self.loss_flushed = self.loss_logged
+        return rows
+
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict:
         from tqdm.auto import tqdm
@@ -353,24 +410,37 @@ class Run:
                 print(_format_table(self.layer_rows))
         bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=self.quiet, unit="step",
                    desc=f"{self.cfg.controller.name}", dynamic_ncols=True, leave=True)
+        total, eval_steps = self.plan.total_steps, self.eval_every_steps
         try:
             while self.epoch < self.epochs and self.status == "running":
+                log_point = False
                 for x, y in self.batches():
                     self.train_step(x, y)
-                    if self.step % self.log_every == 0:
+                    log_point = self.step % self.log_every == 0 or self.step == total
+                    if log_point:  # close the log interval, check it: one host transfer
                         bar.update(self.step - bar.n)
-                        if self.diverged():
+                        self.reason = self.diverged(self.log_interval())
+                        if self.reason:
                             self.status = "diverged"
                             break
+                    if eval_steps and self.step % eval_steps == 0 and self.position < self.steps_per_epoch:
+                        row = self.log_evaluation(time.perf_counter() - start)  # inside the epoch
+                        bar.set_postfix(epoch=row["epoch"], loss=_short(row["train_loss"]),
+                                        test_acc=_short(row["test_acc"], 4))
                 if self.status != "running":
                     break
                 self.epoch += 1
-                if self.diverged():
-                    self.status = "diverged"
-                    break
-                if self.epoch % self.eval_every == 0 or self.epoch == self.epochs:
+                if not log_point:  # the last step was not just checked
+                    self.reason = self.diverged()
+                    if self.reason:
+                        self.log_interval()  # the partial interval, so train_loss.csv shows it
+                        self.status = "diverged"
+                        break
+                if (self.epoch % self.eval_every == 0 or self.epoch == self.epochs
+                        or (eval_steps and self.step % eval_steps == 0)):
                     row = self.log_evaluation(time.perf_counter() - start)
-                    bar.set_postfix(epoch=self.epoch, loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc']:.4f}")
+                    bar.set_postfix(epoch=self.epoch, loss=_short(row["train_loss"]),
+                                    test_acc=_short(row["test_acc"], 4))
                 bar.update(self.step - bar.n)
                 if self.cfg.trainer.checkpoint:
                     self.wall_before = time.perf_counter() - start
@@ -386,11 +456,13 @@ class Run:
         finally:
             bar.close()
             self.flush_trace()
+            self.flush_train_loss()
             summary = self.summary(time.perf_counter() - start)
             records.write_json(SUMMARY, summary)
             self.logger.finish(summary)
         if not self.quiet:
-            print(f"{summary['status']}: test acc {summary['final_test_acc']} (best {summary['best_test_acc']}) "
+            status = f"{summary['status']} ({self.reason})" if self.reason else summary["status"]
+            print(f"{status}: test acc {summary['final_test_acc']} (best {summary['best_test_acc']}) "
                   f"after {self.step} steps, {summary['wall_s']:.1f} s -> {records.dir}")
         return summary
 
@@ -400,6 +472,7 @@ class Run:
             "status": self.status,
             "final_test_acc": last.get("test_acc"),
             "best_test_acc": self.best.get("test"),
+            "chance_acc": self.chance_acc,
             "final_test_loss": last.get("test_loss"),
             "final_train_loss": last.get("train_loss"),
             "final_train_acc": last.get("train_acc"),
@@ -419,6 +492,7 @@ class Run:
             summary.update(final_val_acc=last.get("val_acc"), final_val_loss=last.get("val_loss"),
                        best_val_acc=self.best.get("val"))
         if self.status == "diverged":
+            summary["reason"] = self.reason
             summary["diverged_at_step"] = self.step
         if self.error:
             summary["error"] = self.error
@@ -440,6 +514,8 @@ class Run:
             "trace": self.trace, "trace_flushed": self.trace_flushed,
             "records": self.records.state_dict(), "wall_s": self.wall_before,
             "diagnostics": self.diagnostics.state_dict(),
+            "loss_log": self.loss_log, "loss_base": self.loss_base, "seen_base": self.seen_base,
+            "loss_logged": self.loss_logged, "loss_flushed": self.loss_flushed,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -466,6 +542,28 @@ class Run:
         self.records.load_state_dict(state["records"])
         self.wall_before = state["wall_s"]
         self.diagnostics.load_state_dict(state["diagnostics"])
+        if "loss_log" in state:
+            self.loss_log.copy_(state["loss_log"])
+            self.loss_base.copy_(state["loss_base"])
+            self.seen_base = state["seen_base"]
+            self.loss_logged, self.loss_flushed = state["loss_logged"], state["loss_flushed"]
+        else:  # a checkpoint from before train_loss.csv: its rows start here
+            self.loss_base.copy_(self.loss_sum)
+            self.seen_base = self.seen
+            self.loss_logged = self.loss_flushed = self.step // self.log_every
+
+
+def chance_accuracy(labels: torch.Tensor) -> float | None:
+    """The test accuracy of always answering the test split's most frequent class: its
+    majority-class frequency (``1 / num_classes`` on balanced data, more on imbalanced data).
+    A run near it has learned nothing."""
+    if len(labels) == 0:
+        return None
+    return round(torch.bincount(labels.cpu()).max().item() / len(labels), 6)
+
+
+def _short(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _format_table(rows: list[dict]) -> str:

@@ -4,6 +4,9 @@
 at any depth, and returns one :class:`RunDir` per run. A run without ``summary.json`` (killed,
 still running) is kept with status ``incomplete``; a file that cannot be parsed makes the
 run ``unreadable`` (with the reason), never an exception: a report counts such runs.
+A ``diverged`` run says why in ``reason`` (``non_finite``, ``loss_explosion``; ``unknown``
+for records written before the reason was recorded, when only non-finite losses were
+detected).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 import yaml
 
 from meta_llr.errors import UserError
-from meta_llr.records import CONFIG, LAYERS, METRICS, SUMMARY, TRACE
+from meta_llr.records import CONFIG, LAYERS, METRICS, SUMMARY, TRACE, TRAIN_LOSS
 
 LAYER_STATS = "layer_stats.csv"
 
@@ -35,6 +38,19 @@ class RunDir:
         if self.problem:
             return "unreadable"
         return self.summary.get("status", "incomplete")
+
+    @property
+    def reason(self) -> str | None:
+        """Why a diverged run diverged; None for any other status."""
+        if self.status != "diverged":
+            return None
+        return str(self.summary.get("reason") or "unknown")
+
+    @property
+    def chance_acc(self) -> float | None:
+        """The test accuracy of always answering the majority class (summary.json), if recorded."""
+        value = self.summary.get("chance_acc")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
     @property
     def name(self) -> str:
@@ -88,6 +104,11 @@ class RunDir:
     def trace(self) -> tuple[list[str], np.ndarray] | None:
         """``(layer names, [T, 3 + L] array of step, progress, global_lr, scales)`` or None."""
         return _read_csv_array(self.path / TRACE)
+
+    @cached_property
+    def train_loss(self) -> list[dict]:
+        """``train_loss.csv`` rows (step, epoch, train_loss, lr); [] for older records."""
+        return _read_rows(self.path / TRAIN_LOSS)
 
     @cached_property
     def layer_stats(self) -> list[dict]:

@@ -29,12 +29,17 @@ hypotheses *before* any run::
 
 ``run`` launches each arm as one Hydra multirun over the seeds (``python -m meta_llr.train -m
 +arm=LABEL controller=... seed=0,1,2 ...``), skipping (arm, seed) pairs that already have a
-finished run in the study folder (``--force`` reruns them); ``--launcher NAME`` (or the file's
-``launcher``) runs the jobs of an arm in parallel or on a cluster; anything after the file is
-passed on as overrides (``device=cuda trainer.compile=true``). ``--dry-run`` prints the commands.
+finished or diverged run in the study folder (a divergence is a result: the same seed
+diverges again; failed and incomplete runs are rerun; ``--force`` reruns them all);
+``--launcher NAME`` (or the file's ``launcher``) runs the jobs of an arm in parallel or on a
+cluster; anything after the file is passed on as overrides (``device=cuda
+trainer.compile=true``). ``--dry-run`` prints the commands.
 
 ``report`` runs ``meta_llr.compare`` on the study folder and judges every hypothesis on the
-finished runs, with Holm's correction across the study's hypotheses:
+finished runs, with Holm's correction across the study's hypotheses. Diverged runs are left
+out of every mean and test and counted per arm with their reasons (``4 runs, 1 diverged
+(loss_explosion)``), in the comparison tables and beside each verdict; an arm whose mean final
+test accuracy is within 1 point of chance is flagged (see :mod:`meta_llr.compare`):
 
 * ``A < B`` (``A > B``): one-sided Welch t-test. **supported** when its Holm-adjusted p is
   below alpha; **contradicted** when the opposite one-sided test is (A significantly above,
@@ -199,15 +204,18 @@ def arm_command(study: dict, label: str, seeds, out: Path, launcher: str | None,
     return command + list(extra)
 
 
+DONE = ("finished", "diverged")
+
+
 def done_pairs(out: Path) -> set[tuple[str, int]]:
-    """(arm, seed) pairs with a finished run in the study folder."""
+    """(arm, seed) pairs with a finished or diverged run in the study folder."""
     if not out.is_dir():
         return set()
     try:
         runs = find_runs(out)
     except UserError:
         return set()
-    return {(str(r.get("arm") or r.controller), int(r.get("seed", -1))) for r in runs if r.status == "finished"}
+    return {(str(r.get("arm") or r.controller), int(r.get("seed", -1))) for r in runs if r.status in DONE}
 
 
 def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_run=False) -> list[list[str]]:
@@ -225,9 +233,9 @@ def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_
             result = subprocess.run(command)
             if result.returncode != 0:
                 raise UserError(f"the sweep for arm {command[4][5:]} exited with status {result.returncode}; "
-                                f"see the error above, then rerun (finished runs are skipped)")
+                                f"see the error above, then rerun (finished and diverged runs are skipped)")
     if not commands:
-        print(f"every (arm, seed) of {study['name']} has a finished run in {out}; --force reruns them")
+        print(f"every (arm, seed) of {study['name']} has a finished or diverged run in {out}; --force reruns them")
     return commands
 
 
@@ -263,6 +271,9 @@ def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
             values_a = a.metric(h.metric) if a else np.array([])
             values_b = b.metric(h.metric) if b else np.array([])
             result = {"hypothesis": h, "setting": setting.title, **evaluate_hypothesis(h, values_a, values_b)}
+            result["left_out"] = [f"{label} {g.describe()}" for label, g in ((h.a, a), (h.b, b))
+                                  if g is not None and len(g.runs) > g.counts()["finished"]]
+            result["at_chance"] = [label for label, g in ((h.a, a), (h.b, b)) if g is not None and g.near_chance()]
             results.append(result)
     for key in ("p_support", "p_contra"):
         for result, adjusted in zip(results, holm([r[key] for r in results])):
@@ -314,7 +325,12 @@ def report_text(study: dict, results: list[dict], comparison_md: str) -> str:
             f"| {_g(r['p_support_holm'])} | {_g(r['hedges_g'])} | {r['n_a']}, {r['n_b']} |")
     lines.append("")
     for r in results:
-        lines.append(f"- **{r['hypothesis'].id}** ({r['setting']}): {r['verdict']}: {r['why']}.")
+        extra = ""
+        if r.get("left_out"):
+            extra += f" Left out of the means: {'; '.join(r['left_out'])}."
+        if r.get("at_chance"):
+            extra += f" At chance (mean final test accuracy within 1 point of it): {', '.join(r['at_chance'])}."
+        lines.append(f"- **{r['hypothesis'].id}** ({r['setting']}): {r['verdict']}: {r['why']}.{extra}")
     lines.append("\n---\n")
     return "\n".join(lines) + "\n" + comparison_md
 

@@ -17,7 +17,7 @@ LAYERS = ["conv1", "conv2", "head"]
 
 def make_run(root, name, controller="uniform", seed=0, accs=(0.5, 0.8, 0.9), losses=(1.0, 0.5, 0.3),
              status="finished", epochs=None, model="shallow", data="digits", lr=0.05, scales=(1.0, 1.0, 1.0),
-             steps_per_epoch=10, extra_config=None, arm=None):
+             steps_per_epoch=10, extra_config=None, arm=None, reason=None, chance_acc=None):
     """A run directory with the records train.py writes, from given per-epoch numbers."""
     path = root / name
     path.mkdir(parents=True)
@@ -48,6 +48,10 @@ def make_run(root, name, controller="uniform", seed=0, accs=(0.5, 0.8, 0.9), los
                "final_train_acc": accs[-1] + 0.05, "final_train_loss": losses[-1], "steps": total,
                "wall_s": float(epochs), "controller": controller, "model": model, "data": data, "seed": seed,
                "study": "t", "layers": LAYERS}
+    if reason:
+        summary["reason"] = reason
+    if chance_acc is not None:
+        summary["chance_acc"] = chance_acc
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -180,3 +184,23 @@ def test_cli_writes_report_csv_and_figures(study, tmp_path):
     with open(out / "compare.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["group"] for r in rows} == set(FINALS)
+
+
+def test_finer_evaluations_resolve_steps_to_target(tmp_path):
+    """With trainer.eval_every_steps the evaluation rows are finer (fractional epochs): steps and
+    epochs to target resolve them, and the loss AUC stays the area under the same curve."""
+    coarse = make_run(tmp_path, "coarse", "uniform", 0, accs=(0.5, 0.8, 0.9), losses=(1.0, 0.5, 0.3))
+    fine = make_run(tmp_path, "fine", "uniform", 1, accs=(0.5, 0.8, 0.9), losses=(1.0, 0.5, 0.3))
+    rows = []
+    for e, (acc, loss) in enumerate([(0.4, 1.2), (0.5, 0.8), (0.7, 0.6), (0.8, 0.4), (0.85, 0.35), (0.9, 0.25)]):
+        rows.append({"epoch": 0.5 * (e + 1) if e % 2 == 0 else (e + 1) // 2, "step": 5 * (e + 1),
+                     "train_loss": loss, "test_acc": acc})
+    (fine / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert first_reaching(rows, 0.8) == rows[3] and rows[3]["epoch"] == 2
+    assert first_reaching(rows, 0.7)["epoch"] == 1.5 and first_reaching(rows, 0.7)["step"] == 15
+    assert loss_auc(rows) == pytest.approx(0.5 * (1.2 + 0.8 + 0.6 + 0.4 + 0.35 + 0.25))
+    runs = {r.name: r for r in find_runs(tmp_path)}
+    from meta_llr.compare import run_values
+    assert run_values(runs["fine"], 0.7)["epochs_to_target"] == 1.5
+    assert run_values(runs["coarse"], 0.7)["epochs_to_target"] == 2
+    assert coarse.is_dir()

@@ -1,6 +1,9 @@
 """The loop: exact resume, real learning, per-layer LRs actually applied."""
+import csv
+import io
 import json
 
+import pytest
 import torch
 
 from meta_llr.run import build_run, train
@@ -30,6 +33,66 @@ def test_resume_mid_epoch_is_exact(tmp_path):
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert straight.records.metrics[-1]["test_acc"] == resumed.records.metrics[-1]["test_acc"]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_with_step_evaluations_is_exact(tmp_path):
+    """eval_every_steps and train_loss.csv: a run stopped after a mid-epoch evaluation and
+    resumed from its state writes the same records as one run straight through."""
+    cfg = compose_config(*TINY, "trainer.epochs=3", "trainer.log_every=3", "trainer.eval_every_steps=3")
+    straight = build_run(cfg, tmp_path / "a")
+    straight.fit()
+    metrics = [{k: v for k, v in row.items() if k != "wall_s"} for row in straight.records.metrics]
+    # 4 steps per epoch: every 3rd step inside an epoch (fractional epoch) and every epoch's end.
+    assert [(r["step"], r["epoch"]) for r in metrics] == [(3, 0.75), (4, 1), (6, 1.5), (8, 2), (9, 2.25), (12, 3)]
+    assert [r["epoch"] for r in straight.diagnostics.rows[::len(straight.layers)]] == [1, 2, 3]  # per epoch
+
+    interrupted = build_run(cfg, tmp_path / "b")
+    evaluate, saved = interrupted.log_evaluation, io.BytesIO()
+
+    def evaluate_then_stop(wall):
+        row = evaluate(wall)
+        if interrupted.step == 6:  # inside epoch 2, after its evaluation: a step boundary
+            torch.save(interrupted.state_dict(), saved)
+            raise Stop
+        return row
+
+    interrupted.log_evaluation = evaluate_then_stop
+    with pytest.raises(Stop):
+        interrupted.fit()
+    resumed = build_run(cfg, tmp_path / "b")
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=False))
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [{k: v for k, v in row.items() if k != "wall_s"} for row in resumed.records.metrics] == metrics
+    for name in ("train_loss.csv", "llr.csv", "layer_stats.csv"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text(), name
+
+
+def read_train_loss(path):
+    with open(path / "train_loss.csv", newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def test_train_loss_csv_has_one_row_per_log_interval(tmp_path):
+    """Rows at every log_every-th step and the last; each the mean of its steps' losses."""
+    every_step = build_run(compose_config(*TINY, "trainer.epochs=3", "trainer.log_every=1"), tmp_path / "a")
+    every_step.fit()
+    per_step = read_train_loss(tmp_path / "a")
+    assert [r["step"] for r in per_step] == list(range(1, 13))
+    assert [r["epoch"] for r in per_step] == [round(s / 4, 6) for s in range(1, 13)]
+    assert [r["lr"] for r in per_step] == [float(every_step.lr_host[s - 1]) for s in range(1, 13)]
+    build_run(compose_config(*TINY, "trainer.epochs=3", "trainer.log_every=5"), tmp_path / "b").fit()
+    intervals = read_train_loss(tmp_path / "b")
+    assert [r["step"] for r in intervals] == [5, 10, 12]
+    losses = [r["train_loss"] for r in per_step]  # equal batches (64 = 4 x 16): plain means
+    for row, (lo, hi) in zip(intervals, [(0, 5), (5, 10), (10, 12)]):
+        assert row["train_loss"] == pytest.approx(sum(losses[lo:hi]) / (hi - lo), rel=1e-5)
 
 
 def test_layer_lrs_reach_the_optimizer(tmp_path):

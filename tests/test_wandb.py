@@ -1,6 +1,8 @@
 """W&B logger: an offline run's transaction log holds the config, history and summary keys."""
+import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -31,10 +33,30 @@ def read_wandb_records(path: Path):
             yield record
 
 
+def finished_records(tmp_path, timeout: float = 60.0) -> list:
+    """The records of the one offline run file, once W&B's service has written all of it:
+    ``run.finish()`` can return before the service flushes the file, so wait for the exit
+    record and a stable size."""
+    deadline, last_size = time.monotonic() + timeout, -1
+    while True:
+        files = list(Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb"))
+        assert len(files) <= 1, files
+        if files:
+            size = files[0].stat().st_size
+            try:
+                records = list(read_wandb_records(files[0]))
+            except Exception:  # noqa: BLE001 - a chunk still being written
+                records = []
+            if size == last_size and any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+            last_size = size
+        assert time.monotonic() < deadline, "the offline W&B run file was not completed"
+        time.sleep(0.2)
+
+
 def offline_run(tmp_path):
-    (file,) = Path(tmp_path).glob("wandb/offline-run-*/run-*.wandb")
     history, summary, run = [], {}, None
-    for record in read_wandb_records(file):
+    for record in finished_records(tmp_path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
@@ -95,3 +117,33 @@ def test_wandb_failure_never_fails_training(tiny_run, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="csv records only"):
         summary, out = tiny_run("logger=[csv,wandb]")
     assert summary["status"] == "finished" and (out / "llr.csv").exists()
+
+
+def test_offline_run_logs_layer_lrs_per_step_interval_loss_and_tables(tiny_run, tmp_path, monkeypatch):
+    """Absolute per-layer LRs (global_lr x scale) at every trace row against step, the
+    train_loss.csv rows, and each controller table (freezing.csv) as a wandb.Table per evaluation."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    summary, out = tiny_run("logger=[csv,wandb]", "controller=freezeout", "trainer.log_every=2",
+                            "trainer.eval_every_steps=3", name="wb-tables")
+    assert summary["status"] == "finished"
+    history, _, _ = offline_run(tmp_path)
+    layers = summary["layers"]
+    trace = [h for h in history if f"lr/{layers[0]}" in h]
+    assert [h["step"] for h in trace] == list(range(summary["steps"]))
+    for h in trace:
+        for name in layers:
+            assert h[f"lr/{name}"] == pytest.approx(h["global_lr"] * h[f"llr/{name}"])
+    assert any(h[f"lr/{layers[0]}"] != h[f"lr/{layers[-1]}"] for h in trace)  # freezeout: per layer
+    with open(out / "train_loss.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    logged = [(h["step"], h["train_loss_interval"]) for h in history if "train_loss_interval" in h]
+    assert logged == [(int(r["step"]), pytest.approx(float(r["train_loss"]))) for r in rows]
+    assert [s for s, _ in logged] == [2, 4, 6, 8]
+    evals = [h for h in history if "test_acc" in h]
+    assert [h["step"] for h in evals] == [3, 4, 6, 8]  # every 3rd step and each epoch's end
+    assert all(h["tables/freezing/_type"] == "table-file" and h["tables/freezing/nrows"] == len(layers)
+               for h in evals)  # a table is a file beside the run, its history entry points to it
+    media = Path(evals[-1]["tables/freezing/path"]).name
+    assert list(tmp_path.glob(f"wandb/offline-run-*/files/**/{media}"))
