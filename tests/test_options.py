@@ -48,6 +48,12 @@ CONTROLLER_BAD = {
     ("rnn_meta", "min_scale"): "0", ("rnn_meta", "max_scale"): "0.01", ("rnn_meta", "every"): "0",
     ("rnn_meta", "horizon"): "0", ("rnn_meta", "meta_lr"): "-1", ("rnn_meta", "unroll"): "0",
     ("rnn_meta", "meta_every"): "0", ("rnn_meta", "feature_decay"): "1", ("rnn_meta", "baseline"): "[-1.0]",
+    ("width_scaled", "base_fan_in"): "0", ("width_scaled", "column"): "zzz",
+    ("hessian_secant", "power"): "-1", ("hessian_secant", "blocks"): "zzz", ("hessian_secant", "min_update_ratio"): "1",
+    ("lamb", "min_scale"): "0", ("lamb", "max_scale"): "0.0001",
+    ("prodigy_layer", "mode"): "zzz", ("prodigy_layer", "d0"): "0", ("prodigy_layer", "gamma"): "0",
+    ("prodigy_layer", "beta3"): "1.5", ("prodigy_layer", "beta2"): "1", ("prodigy_layer", "min_scale"): "0",
+    ("prodigy_layer", "max_scale"): "0.01",
     ("rnn_meta", "seed"): "-1", ("rnn_meta", "baseline_curve"): "/nonexistent/curve.json",
 }
 UNBOUNDED: set = set()  # controller options that take any value of their type (none so far)
