@@ -159,15 +159,15 @@ def test_source_defaults_pass_check_section(name):
 
 # The options and defaults of meta_llr/conf/data/<name>.yaml before the configs became dataclasses.
 FORMER_YAML = {
-    "digits": {"name": "digits", "test_size": 360, "split_seed": 0, "val_size": 0, "augment": {"crop_pad": 0, "flip": False}},
-    "cifar10": {"name": "cifar10", "root": None, "download": True, "val_size": 0, "split_seed": 0,
+    "digits": {"name": "digits", "test_size": 360, "split_seed": 0, "train_subset": 0, "val_size": 0, "augment": {"crop_pad": 0, "flip": False}},
+    "cifar10": {"name": "cifar10", "root": None, "download": True, "val_size": 0, "split_seed": 0, "train_subset": 0,
                 "augment": {"crop_pad": 4, "flip": True}},
-    "cifar100": {"name": "cifar100", "root": None, "download": True, "fine_labels": True, "val_size": 0, "split_seed": 0,
+    "cifar100": {"name": "cifar100", "root": None, "download": True, "fine_labels": True, "val_size": 0, "split_seed": 0, "train_subset": 0,
                  "augment": {"crop_pad": 4, "flip": True}},
     "imagefolder": {"name": "imagefolder", "path": None, "channels": 3, "cache": True, "root": None, "workers": 2,
-                    "val_size": 0, "split_seed": 0, "augment": {"crop_pad": 4, "flip": True}},
+                    "val_size": 0, "split_seed": 0, "train_subset": 0, "augment": {"crop_pad": 4, "flip": True}},
     "synthetic": {"name": "synthetic", "channels": 3, "size": 32, "classes": 10, "train_size": 2048, "test_size": 512,
-                  "seed": 0, "val_size": 0, "split_seed": 0, "augment": {"crop_pad": 4, "flip": True}},
+                  "seed": 0, "val_size": 0, "split_seed": 0, "train_subset": 0, "augment": {"crop_pad": 4, "flip": True}},
 }
 
 
