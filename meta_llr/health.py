@@ -162,6 +162,8 @@ def report(plan: dict, results: dict, controllers: list[str], command: str) -> s
         if failing:
             parts.append(f"Failing the rule here: {', '.join(f'`{n}`' for n in failing)}.")
             parts.append("")
+    if plan.get("notes"):
+        parts += ["## Notes", "", str(plan["notes"]).strip(), ""]
     return "\n".join(parts) + "\n"
 
 

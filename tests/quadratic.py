@@ -8,9 +8,17 @@ it as such), optionally with a 1-D "bias" of the same curvature. ``ξ`` is the b
 drawn per step (``noise`` is its standard deviation), so the gradient ``h_l(θ_l − θ*_l) + ξ_l``
 carries minibatch noise, and two gradients on the same batch differ by exactly
 ``h_l·Δθ_l``. Shared by the adaptive-controller and learned-controller tests.
+
+Two options leave that separable, isotropic case (both 0 by default): ``spread > 0`` gives
+each element of a kernel its own curvature ``h_l·d_e`` with ``d_e`` spaced geometrically in
+``[e^−spread, e^spread]`` (so the curvature along a direction ``u`` is the Rayleigh quotient
+``h_l Σ d_e u_e² / Σ u_e²``, no longer ``h_l``), and ``coupling = κ`` adds
+``κ Σ_l (θ_l − θ*_l)·(θ_{l+1} − θ*_{l+1})`` over consecutive kernels (all of one shape): Hessian
+blocks ``H_{l,l±1} = κ·I`` between layers, the diagonal blocks unchanged.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,11 +29,15 @@ from meta_llr.interface import Controller, Layer, Plan
 
 class Quadratic(nn.Module):
     def __init__(self, curvatures: Sequence[float] = (1.0, 10.0, 100.0), shape: tuple[int, int] = (4, 4),
-                 noise: float = 0.0, bias: bool = False, seed: int = 0):
+                 noise: float = 0.0, bias: bool = False, seed: int = 0, spread: float = 0.0,
+                 coupling: float = 0.0):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.curvatures = [float(h) for h in curvatures]
         self.noise = float(noise)
+        self.coupling, self.anisotropic = float(coupling), spread != 0
+        count = shape[0] * shape[1]
+        self.register_buffer("spread", torch.logspace(-spread, spread, count, base=math.e).view(shape))
         self.weights = nn.ParameterList([nn.Parameter(torch.randn(shape, generator=gen)) for _ in curvatures])
         self.biases = nn.ParameterList([nn.Parameter(torch.randn(shape[0], generator=gen)) for _ in curvatures]
                                        if bias else [])
@@ -55,13 +67,27 @@ class Quadratic(nn.Module):
     def sample_batch(self, gen: torch.Generator) -> list[torch.Tensor]:
         return [self.noise * torch.randn(p.shape, generator=gen) for p in self.params()]
 
+    def element_curvatures(self) -> list[torch.Tensor]:
+        """The diagonal of each parameter tensor's own Hessian block (``h_l·d_e`` for kernels)."""
+        return [h * self.spread if p.dim() > 1 else torch.full_like(p, h)
+                for p, h in zip(self.params(), self.curvature_of_params())]
+
     def loss(self, params: Sequence[torch.Tensor] | None = None, batch: Sequence[torch.Tensor] | None = None):
         params = self.params() if params is None else params
         total = 0.0
+        kernels = []
         for i, (p, target, h) in enumerate(zip(params, self.targets(), self.curvature_of_params())):
-            total = total + 0.5 * h * (p - target).pow(2).sum()
+            if self.anisotropic and p.dim() > 1:
+                total = total + 0.5 * h * (self.spread * (p - target).pow(2)).sum()
+            else:
+                total = total + 0.5 * h * (p - target).pow(2).sum()
+            if p.dim() > 1:
+                kernels.append(p - target)
             if batch is not None:
                 total = total + (batch[i] * p).sum()
+        if self.coupling:
+            for a, b in zip(kernels, kernels[1:]):
+                total = total + self.coupling * (a * b).sum()
         return total
 
 

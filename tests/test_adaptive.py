@@ -18,16 +18,20 @@ CURVATURES = torch.tensor([1.0, 10.0, 100.0])
 
 
 # ------------------------------------------------------------------ hessian_secant
+# The secant forms with their original options (form=hvp, the default, is in tests/test_secant.py).
+OLD = dict(form="gradients", interval=1, ema=0.1, gain=1.0, normalize=False, min_scale=0.01, max_scale=100.0)
+
+
 @pytest.mark.parametrize("form,momentum", [("gradients", 0.0), ("gradients", 0.9), ("snapshots", 0.0)])
 def test_secant_recovers_each_layers_curvature(form, momentum):
-    controller = HessianSecant(form=form, gain=0.3, max_scale=1e4)
+    controller = HessianSecant(**{**OLD, "form": form, "gain": 0.3, "max_scale": 1e4})
     run_controller(controller, Quadratic(), steps=12, lr=0.001, momentum=momentum)
     assert controller.count >= 8
     assert torch.allclose(controller.estimate * CURVATURES, torch.ones(3), rtol=0.05), controller.estimate
 
 
 def test_secant_interval_and_its_lr_follow_the_estimate():
-    controller = HessianSecant(interval=3, gain=0.5, max_scale=1e4)
+    controller = HessianSecant(**{**OLD, "interval": 3, "gain": 0.5, "max_scale": 1e4})
     out = run_controller(controller, Quadratic(), steps=15, lr=0.001)
     assert controller.count == 4  # pairs at steps 0, 3, 6, 9, 12
     assert torch.allclose(controller.estimate * CURVATURES, torch.ones(3), rtol=0.05)
@@ -38,23 +42,25 @@ def test_secant_interval_and_its_lr_follow_the_estimate():
 def test_same_batch_secant_is_unbiased_under_gradient_noise():
     estimates = {}
     for same_batch in (False, True):
-        controller = HessianSecant(same_batch=same_batch, min_scale=1.0, max_scale=1.0)  # scale fixed at 1
+        controller = HessianSecant(**{**OLD, "same_batch": same_batch, "min_scale": 1.0, "max_scale": 1.0})  # scale 1
         run_controller(controller, Quadratic(noise=1.0), steps=60, lr=0.005, seed=3)
         estimates[same_batch] = controller.estimate * CURVATURES
     assert torch.allclose(estimates[True], torch.ones(3), rtol=0.05), estimates[True]
     assert (estimates[False] < 0.5).all(), estimates[False]  # minibatch noise in Δg biases it low
 
 
-def test_secant_normalize_keeps_the_profile_at_mean_one():
-    controller = HessianSecant(normalize=True, max_scale=1e4)
+def test_secant_normalize_keeps_the_profile_at_geometric_mean_gain():
+    controller = HessianSecant(**{**OLD, "normalize": True, "gain": 2.0, "min_scale": 1e-4, "max_scale": 1e4})
     out = run_controller(controller, Quadratic(), steps=6, lr=0.001)
     last = out["scales"][-1]
-    assert last.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert last.log().mean().exp().item() == pytest.approx(2.0, rel=1e-5)  # gain × geometric mean 1
     assert (last * CURVATURES).std() / (last * CURVATURES).mean() < 0.05  # ∝ 1/h
 
 
 def test_bad_options_are_value_errors():
     for cls, kwargs in [(HessianSecant, {"form": "snapshots", "same_batch": True}), (HessianSecant, {"interval": 0}),
+                        (HessianSecant, {"same_batch": True}), (HessianSecant, {"blocks": "all"}),
+                        (HessianSecant, {"power": -1.0}), (HessianSecant, {"min_update_ratio": 1.0}),
                         (Layca, {"alpha": 1.0}), (Layca, {"other_params": "adam"}), (Lars, {"trust": 0.0}),
                         (Hypergrad, {"rule": "newton"}), (AdamProbe, {"quantiles": [1.5]}),
                         (AdamProbe, {"min_scale": 2.0, "max_scale": 1.0})]:
@@ -230,7 +236,8 @@ def test_same_batch_runs_in_the_loop_without_host_syncs(make_config, tmp_path):
     from meta_llr.run import build_run
     from tests.conftest import TINY
     from tests.test_contract import count_host_syncs
-    run = build_run(make_config(*TINY, "controller=hessian_secant", "controller.same_batch=true"), tmp_path)
+    run = build_run(make_config(*TINY, "controller=hessian_secant", "controller.form=gradients",
+                                "controller.interval=1", "controller.same_batch=true"), tmp_path)
     for x, y in run.batches():
         with count_host_syncs() as syncs:
             run.train_step(x, y)

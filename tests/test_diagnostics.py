@@ -72,3 +72,48 @@ def test_curvature_every_is_checked(make_config):
     from tests.conftest import TINY
     with pytest.raises(UserError, match="curvature_every"):
         build_run(make_config(*TINY, "diagnostics.curvature_every=-1"), "/tmp/unused_curvature_check")
+
+
+def test_l1_secant_is_not_the_curvature_along_the_step():
+    """H = diag(1, 4), u = (2, 1): Σ|Hu|/Σ|u| = 6/3 = 2.0, but uᵀHu/uᵀu = 8/5 = 1.6."""
+    theta = torch.tensor([0.3, -0.2])
+    h = torch.tensor([1.0, 4.0])
+    out = layer_curvatures(lambda ps: 0.5 * (h * ps[0] ** 2).sum(), [[theta]], [[torch.tensor([2.0, 1.0])]])
+    assert out["secant_l1"].item() == pytest.approx(2.0, rel=1e-6)
+    for key in ("curvature", "curvature_full", "secant_curvature"):
+        assert out[key].item() == pytest.approx(1.6, rel=1e-6), key
+
+
+def test_minibatch_secant_matches_a_hand_computation():
+    """eps_over_lr's denominator: Σ|g_probe(θ(t+1)) − g(θ(t))| / Σ|u| per layer, on the device."""
+    from meta_llr.diagnostics import Diagnostics
+    from meta_llr.interface import Layer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    layers = [Layer(0, "0", 0.0, [net[0].weight, net[0].bias], net[0].weight),
+              Layer(1, "2", 1.0, [net[2].weight, net[2].bias], net[2].weight)]
+    names = ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    diagnostics = Diagnostics({"rotation": False}, layers, torch.device("cpu"))
+    diagnostics.set_probe_batch(net, x, y, F.cross_entropy, names)
+    params = [p for layer in layers for p in layer.params]
+    for p in params:
+        p.grad = torch.randn_like(p)  # "this step's gradient" on another batch
+    updates = [torch.randn_like(p) * 0.01 for p in params]
+    got = diagnostics.minibatch_secant(updates)
+    after = torch.autograd.grad(F.cross_entropy(net(x), y), params)
+    expected = [sum((after[i] - params[i].grad).abs().sum() for i in pair) /
+                sum(updates[i].abs().sum() for i in pair) for pair in ((0, 1), (2, 3))]
+    assert torch.allclose(got, torch.stack(expected), rtol=1e-5)
+
+
+def test_eps_over_lr_is_recorded_for_every_layer(tiny_run):
+    summary, run_dir = tiny_run("diagnostics.curvature_every=1")
+    rows = read_rows(run_dir / "layer_stats.csv")
+    assert len(rows) == 2 * len(summary["layers"])
+    for r in rows:
+        for key in ("eps_over_lr", "eps_over_lr_same_batch"):
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["name"], key, r[key])
+        secant = 1 / (float(r["eps_over_lr_same_batch"]) * float(r["effective_lr"]))
+        assert secant == pytest.approx(float(r["secant_l1"]), rel=1e-4)
