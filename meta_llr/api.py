@@ -57,11 +57,9 @@ def dataset_from_tensors(data: Sequence[torch.Tensor], name: str = "tensors") ->
     classes = int(max(int(s.y.max()) for s in splits if len(s)) + 1)
     if int(min(int(s.y.min()) for s in splits if len(s))) < 0 or classes < 2:
         raise UserError(f"labels must be 0..K-1 with K >= 2, got {classes} classes")
-    x = splits[0].x.double() / (255.0 if splits[0].x.dtype == torch.uint8 else 1.0)
-    dims = (0, 2, 3)
-    scale = 1.0 if splits[0].x.dtype == torch.uint8 else 255.0
-    mean = tuple(float(v) / scale for v in x.mean(dims))
-    std = tuple(float(v) / scale for v in x.std(dims, unbiased=False))
+    x = splits[0].x.double() / 255.0  # the loop multiplies Dataset.mean/std by 255 (uint8 units)
+    mean = tuple(float(v) for v in x.mean((0, 2, 3)))
+    std = tuple(float(v) for v in x.std((0, 2, 3), unbiased=False))
     return Dataset(name=name, train=splits[0], test=splits[1], val=splits[2] if len(splits) == 3 else None,
                    classes=[str(k) for k in range(classes)], mean=mean, std=std, synthetic=False,
                    source="tensors passed to meta_llr.fit")
@@ -78,11 +76,11 @@ def fit(model: nn.Module | None = None, data: Sequence[torch.Tensor] | Dataset |
     config's. ``controller``: a registered name (its options in ``overrides`` as
     ``controller.KEY=V``) or a Controller instance. ``out_dir``: where the records go (default
     ``runs/<study>/<controller>-<model>-<data>-s<seed>-<time>``)."""
-    from meta_llr.run import CHECKPOINT, build_run
+    from meta_llr.run import build_run, resume_if_asked
 
-    overrides = list(overrides)
     if isinstance(overrides, str):
         raise UserError("overrides must be a list of strings such as ['trainer.epochs=2']")
+    overrides = list(overrides)
     if isinstance(data, str):
         overrides.insert(0, f"data={data}")
         data = None
@@ -103,9 +101,6 @@ def fit(model: nn.Module | None = None, data: Sequence[torch.Tensor] | Dataset |
         out_dir = Path(cfg.paths.root) / cfg.study / f"{'-'.join(names)}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run = build_run(cfg, out_dir, model=model, data=data, controller=controller)
-    checkpoint = out_dir / CHECKPOINT
-    if cfg.trainer.resume and checkpoint.exists():
-        run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=False))
+    run = resume_if_asked(build_run(cfg, out_dir, model=model, data=data, controller=controller))
     summary = run.fit()
     return FitResult(summary=summary, run_dir=out_dir, model=run.model, run=run)

@@ -167,12 +167,7 @@ def build_controller(config) -> Any:
     registry = available()
     if name not in registry:
         raise UserError(f"unknown controller '{name}'; valid: {', '.join(registry)}")
-    schema = CONTROLLER_CONFIGS[name]
-    fields = {f.name for f in dataclasses.fields(schema)} - {"name"}
-    unknown = sorted(set(config) - fields)
-    if unknown:
-        raise UserError(f"controller={name} has no option {', '.join(unknown)}; its options: {', '.join(sorted(fields)) or 'none'}")
-    options = typed(schema, config, prefix="controller")
+    options = typed(CONTROLLER_CONFIGS[name], {"name": name, **config}, prefix="controller")
     options.pop("name")
     try:
         return registry[name](**options)

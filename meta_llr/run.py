@@ -588,43 +588,36 @@ def build_run(cfg: DictConfig, out_dir: str | Path, *, model: nn.Module | None =
     replace the ones the config names. The records then name what was passed: a passed model
     always (``model: {name: <class>, passed_in: true}``), data or a controller when its name
     differs from the config's (the same name keeps the config's description of it)."""
-    cfg = copy_config(cfg)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # ours to edit: records name passed parts
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_data(cfg.data)
     elif data.name != cfg.data.name:
-        _describe(cfg, "data", {"name": data.name, "source": data.source, "augment": cfg.data.augment})
+        cfg.data = {"name": data.name, "source": data.source, "augment": cfg.data.augment}
     if model is None:
         options = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
         model = build_model(cfg.model.name, data.in_channels, data.image_size, data.num_classes, **options)
     else:
-        _describe(cfg, "model", {"name": type(model).__name__, "passed_in": True})
+        cfg.model = {"name": type(model).__name__, "passed_in": True}
     if isinstance(controller, str):
         cfg.controller = {"name": controller}
         controller = None
     if controller is None:
         controller = build_controller(cfg.controller)
     elif getattr(controller, "registry_name", None) != cfg.controller.name:
-        _describe(cfg, "controller", {"name": getattr(controller, "registry_name", type(controller).__name__),
-                                      "passed_in": True})
+        cfg.controller = {"name": getattr(controller, "registry_name", type(controller).__name__), "passed_in": True}
     return Run(cfg, out_dir, data=data, model=model, controller=controller, device=device)
 
 
-def copy_config(cfg: DictConfig) -> DictConfig:
-    """A private, editable copy (the records must name parts passed in)."""
-    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    return copy
-
-
-def _describe(cfg: DictConfig, key: str, value: dict) -> None:
-    cfg[key] = value
+def resume_if_asked(run: Run) -> Run:
+    """With ``trainer.resume=true`` and a checkpoint in the run directory, continue from it."""
+    checkpoint = run.records.dir / CHECKPOINT
+    if run.cfg.trainer.resume and checkpoint.exists():
+        run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=False))
+    return run
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run (or, with ``trainer.resume=true`` and a checkpoint in ``out_dir``, continue) one training."""
-    run = build_run(cfg, out_dir)
-    checkpoint = Path(out_dir) / CHECKPOINT
-    if cfg.trainer.resume and checkpoint.exists():
-        run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=False))
-    return run.fit()
+    return resume_if_asked(build_run(cfg, out_dir)).fit()
