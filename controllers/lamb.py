@@ -55,6 +55,7 @@ class Lamb(Controller):
         self.kernels = self.per_layer.tensors
         self.exp_avg = [torch.zeros_like(p) for p in self.kernels]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.kernels]
+        self.zero = torch.zeros((), device=plan.device)
         self.count = 0  # host-side step count, as torch's AdamW bias corrections (a pure function of t)
 
     @torch.no_grad()
@@ -78,7 +79,7 @@ class Lamb(Controller):
         torch._foreach_div_(direction, bias1)
         if self.decay:
             torch._foreach_add_(direction, [self.kernels[i] for i in live], alpha=self.decay)
-        full = [torch.zeros((), device=self.plan.device)] * len(self.kernels)
+        full = [self.zero] * len(self.kernels)  # a frozen kernel: norm 0
         for i, d in zip(live, direction):
             full[i] = d
         weight_norm, update_norm = self.per_layer.norm(self.kernels), self.per_layer.norm(full)
