@@ -147,23 +147,36 @@ class RNNMeta(Controller):
         save_atomic(self.weights_dict(), path)
 
     def load_weights(self, source: str | Path | dict) -> None:
+        """Load a weights file (or its dict) from :meth:`save_weights` / ``meta_llr.metatrain``; anything
+        else (a missing, unreadable or foreign file, other keys, shapes, hidden/mix, non-finite
+        values) is one UserError line naming the file and what is expected."""
+        where = "controller.weights" if isinstance(source, dict) else f"controller.weights={source}"
+        expected = (f"pass a weights.pt written by python -m meta_llr.metatrain or save_weights "
+                    f"(format {WEIGHTS_FORMAT}, hidden={self.hidden}, mix={self.mix})")
         if not isinstance(source, dict):
             path = Path(source)
             if not path.is_file():
-                raise UserError(f"controller.weights={source} does not exist; pass the weights.pt "
-                                "written by python -m meta_llr.metatrain")
+                raise UserError(f"{where} does not exist; pass the weights.pt written by python -m meta_llr.metatrain")
             try:
                 source = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:
-                raise UserError(f"controller.weights={path} is not a readable weights file ({error})") from None
-        if not isinstance(source, dict) or source.get("format") != WEIGHTS_FORMAT:
-            raise UserError(f"controller.weights is not an rnn_meta weights file (format {WEIGHTS_FORMAT})")
+                raise UserError(f"{where} is not a torch file (torch.load: {type(error).__name__}); {expected}") from None
+        if not isinstance(source, dict) or source.get("format") != WEIGHTS_FORMAT \
+                or not isinstance(source.get("hidden"), int) or not isinstance(source.get("mix"), bool):
+            raise UserError(f"{where} is not an rnn_meta weights file; {expected}")
         if (source["hidden"], source["mix"]) != (self.hidden, self.mix):
-            raise UserError(f"controller.weights has hidden={source['hidden']} mix={source['mix']}; "
+            raise UserError(f"{where} has hidden={source['hidden']} mix={source['mix']}; "
                             f"pass controller.hidden={source['hidden']} controller.mix={source['mix']}")
+        params, own = source.get("params"), self.learner.state_dict()
+        if not isinstance(params, dict) or set(params) != set(own) or any(
+                not isinstance(params[k], torch.Tensor) or params[k].shape != v.shape for k, v in own.items()):
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in own.items())
+            raise UserError(f"{where} holds parameters of other names or shapes than {shapes}; {expected}")
+        if not all(bool(params[k].isfinite().all()) for k in own):
+            raise UserError(f"{where} holds non-finite parameters; {expected}")
         with torch.no_grad():
-            for name, p in self.learner.state_dict().items():
-                p.copy_(source["params"][name])
+            for name, p in own.items():
+                p.copy_(params[name])
 
     def flat(self) -> torch.Tensor:
         """All learner parameters as one 1-D float32 CPU tensor (for evolution strategies)."""
@@ -239,13 +252,22 @@ class RNNMeta(Controller):
         if not path.is_file():
             raise UserError(f"controller.baseline_curve={path} does not exist; pass a run's llr.csv "
                             "or a curve.json from python -m meta_llr.export")
-        with path.open() as f:
-            rows = list(csv.reader(f))
-        header, body = rows[0], rows[1:]
+        try:
+            with path.open() as f:
+                rows = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise UserError(f"controller.baseline_curve={path} is not a readable CSV ({error}); pass a run's llr.csv") from None
+        header, body = (rows[0], rows[1:]) if rows else ([], [])
         if "progress" not in header or len(header) - 3 != self.num_layers or not body:
             raise UserError(f"controller.baseline_curve={path} needs columns step,progress,global_lr and "
                             f"{self.num_layers} layer columns")
-        table = torch.tensor([[float(v) for v in row] for row in body], dtype=torch.float64)
+        try:
+            table = torch.tensor([[float(v) for v in row] for row in body], dtype=torch.float64)
+        except ValueError:  # a non-number or a short row
+            table = None
+        if table is None or table.shape[1] != len(header) or not bool(table.isfinite().all()):
+            raise UserError(f"controller.baseline_curve={path} has rows that are not {len(header)} finite numbers; "
+                            "pass a run's llr.csv as the run wrote it")
         progress, scales = table[:, 1].contiguous(), table[:, 3:].clamp_min(1e-8)
         steps = torch.arange(self.plan.total_steps, dtype=torch.float64) / self.plan.total_steps
         index = torch.searchsorted(progress, steps, right=True).sub(1).clamp(0, len(progress) - 1)

@@ -100,7 +100,6 @@ def fit(model: nn.Module | None = None, data: Sequence[torch.Tensor] | Dataset |
                  data.name if data is not None else cfg.data.name]
         out_dir = Path(cfg.paths.root) / cfg.study / f"{'-'.join(names)}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run = resume_if_asked(build_run(cfg, out_dir, model=model, data=data, controller=controller))
-    summary = run.fit()
+    run = build_run(cfg, out_dir, model=model, data=data, controller=controller)
+    summary = resume_if_asked(run) or run.fit()
     return FitResult(summary=summary, run_dir=out_dir, model=run.model, run=run)

@@ -72,8 +72,11 @@ class TrainerConfig:
     trace_every: Optional[int] = opt(None, ge=1, nullable=True, doc="steps between llr.csv rows; null: >= 200 rows")
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), doc="auto: bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = opt(False, free=True, doc="torch.compile the model")
-    checkpoint: bool = opt(True, free=True, doc="write checkpoint.pt after every epoch")
-    resume: bool = opt(False, free=True, doc="continue from checkpoint.pt in the run dir")
+    checkpoint: bool = opt(True, free=True, doc="write checkpoint-<step>.pt (+ .sha256; the last two kept) "
+                                                "after every epoch and on SIGTERM/SIGINT/SIGUSR1")
+    resume: Any = opt(False, choices=(False, True, "auto"),
+                      doc="continue the run in the run dir (auto: if there is one, else start; "
+                          "false: refuse a dir that holds a run; true: refuse one that does not)")
 
 
 @dataclass

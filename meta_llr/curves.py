@@ -69,8 +69,8 @@ def check_curve(curve, where="curve") -> dict:
         knots = layer.get("knots") if isinstance(layer, dict) else None
         values = layer.get("values") if isinstance(layer, dict) else None
         if not _numbers(knots) or not _numbers(values) or len(knots) != len(values) \
-                or list(knots) != sorted(knots):
-            raise UserError(f"{where}: layer {name} needs increasing knots and one value per knot")
+                or not all(math.isfinite(k) for k in knots) or list(knots) != sorted(knots):
+            raise UserError(f"{where}: layer {name} needs finite increasing knots and one value per knot")
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise UserError(f"{where}: layer {name} has negative or non-finite values")
         depth = layer.get("depth")
@@ -92,7 +92,7 @@ def load_curve(path) -> dict:
     except FileNotFoundError:
         raise UserError(f"curve file {path} not found; {WRITE_ONE}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"curve file {path} is not readable JSON ({error})") from None
+        raise UserError(f"curve file {path} is not readable JSON ({' '.join(str(error).split())}); {WRITE_ONE}") from None
     return check_curve(curve, str(path))
 
 

@@ -35,3 +35,13 @@ def one_line_config_error(error: BaseException, prefix: str = "") -> UserError:
         shown = f"={value}" if value is not None else ""
         return UserError(f"{key}{shown} has the wrong type; expected {expected.rstrip('.')}")
     return UserError(f"bad config: {message}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal after checkpointing and recording ``status: interrupted``;
+    the command exits with ``exit_code`` (128 + the signal's number)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -6,11 +6,17 @@
 ``metrics.jsonl`` one JSON object per evaluation (epoch, step, train/test loss and acc, lr, wall_s)
 ``llr.csv``       the LLR trace: step, progress, global_lr, then one column per layer (its scale)
 ``train_loss.csv`` one row per log interval: step, epoch, train_loss (the interval's mean), lr
-``summary.json``  written last: status (finished | diverged | failed), with ``reason``
-                  (non_finite | loss_explosion) when diverged, accuracies, chance_acc, steps, wall_s
+``summary.json``  written last: status (finished | diverged | failed | interrupted), with
+                  ``reason`` (non_finite | loss_explosion) when diverged, accuracies, chance_acc,
+                  steps, wall_s
+``checkpoint-<step>.pt`` (+ ``.sha256``) the last two checkpoints (:mod:`meta_llr.checkpoint`)
+``.lock``         held (``fcntl.flock``) by the one process writing the directory; holds its PID
 
-Every write goes to a temporary file in the same directory and is renamed over the target,
-so an interrupted run never leaves a half-written file. JSON files hold strict JSON: a
+Every write goes to a temporary file in the same directory, is fsynced and renamed over the
+target, and the directory is fsynced after the rename: an interrupted run never leaves a
+half-written file, and a temporary file left by a kill is removed when a run next opens the
+directory. One process at a time writes a run directory: a second one gets one line naming
+the holder's PID. JSON files hold strict JSON: a
 non-finite number (a NaN or infinite loss) is written as ``null``, never ``NaN``/``Infinity``
 (which most JSON readers reject). CSV files write such numbers as ``nan``/``inf``, which
 csv readers, numpy and pandas parse as floats.
@@ -18,6 +24,7 @@ csv readers, numpy and pandas parse as floats.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
@@ -30,9 +37,21 @@ from pathlib import Path
 
 import torch
 
+from meta_llr.errors import UserError
+
 SUMMARY, METRICS, TRACE, LAYERS, CONFIG, ENV, TRAIN_LOSS = (
     "summary.json", "metrics.jsonl", "llr.csv", "layers.csv", "config.yaml", "env.json", "train_loss.csv")
 TRAIN_LOSS_HEADER = ("step", "epoch", "train_loss", "lr")
+LOCK = ".lock"
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
@@ -44,19 +63,23 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def save_atomic(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` with write-then-rename."""
+    """``torch.save`` with write, fsync, rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -98,12 +121,44 @@ def environment(device: torch.device) -> dict:
     }
 
 
+class DirLock:
+    """An exclusive ``fcntl.flock`` on ``directory/.lock`` (which then holds our PID), released
+    by :meth:`release` or when the process ends, however it ends."""
+
+    def __init__(self, directory: Path):
+        self.handle = open(directory / LOCK, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise UserError(f"{directory} is in use by another run (process {holder}); wait for it to "
+                            f"end or give this run another directory") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"{os.getpid()}\n")
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
 class RunRecords:
-    """Writes one run's record files into ``out_dir``."""
+    """Writes one run's record files into ``out_dir``, holding its lock until :meth:`close`."""
 
     def __init__(self, out_dir: str | os.PathLike):
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.lock = DirLock(self.dir)
+        except OSError as error:
+            raise UserError(f"cannot write the run directory {self.dir}: {error.strerror or error}; "
+                            f"choose a writable directory (hydra.run.dir=... or out_dir=...)") from None
+        for stale in self.dir.glob(".*.tmp"):  # left by a kill during a write; ours, as we hold the lock
+            stale.unlink(missing_ok=True)
         self.metrics: list[dict] = []
         self.trace_rows: list[list] = []
         self.trace_header: list[str] = []
@@ -132,6 +187,18 @@ class RunRecords:
         """Append ``[step, epoch, train_loss, lr]`` rows and rewrite ``train_loss.csv``."""
         self.train_loss_rows.extend(rows)
         self.write_text(TRAIN_LOSS, csv_text(TRAIN_LOSS_HEADER, self.train_loss_rows))
+
+    def rewrite(self) -> None:
+        """Make the files match the rows in memory (after a resume rolled them back) and
+        remove the summary: the run is running again."""
+        self.write_text(METRICS, "".join(dumps(r) + "\n" for r in self.metrics))
+        if self.trace_header:
+            self.write_text(TRACE, csv_text(self.trace_header, self.trace_rows))
+        self.write_text(TRAIN_LOSS, csv_text(TRAIN_LOSS_HEADER, self.train_loss_rows))
+        (self.dir / SUMMARY).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.lock.release()
 
     def state_dict(self) -> dict:
         return {"metrics": list(self.metrics), "trace_rows": list(self.trace_rows),

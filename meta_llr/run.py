@@ -17,12 +17,19 @@ table, the controller, the optimizer (one param group per layer, split by parame
     controller.observe(step, stats)
 
 Metrics reach the host once per log interval and per evaluation, never inside a step.
-All run state is in ``Run.state_dict()``; a checkpoint is written after every epoch.
+All run state is in ``Run.state_dict()``; a checkpoint (:mod:`meta_llr.checkpoint`) is written
+after every epoch, and at the next step boundary after SIGTERM, SIGINT or SIGUSR1, which then
+end the run as ``interrupted`` (exit status 128 + signal from the command). A resumed run
+(:func:`resume_if_asked`) continues bit for bit, and only as the run its config says.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,9 +39,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from torch import nn
 
+from meta_llr import checkpoint
 from meta_llr.data import Dataset, augment, load_data
 from meta_llr.diagnostics import LAYER_STATS, Diagnostics
-from meta_llr.errors import UserError
+from meta_llr.errors import Interrupted, UserError
 from meta_llr.interface import STATS, Controller, Lookahead, OptimizerSpec, Plan
 from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import make_logger
@@ -43,9 +51,9 @@ from meta_llr.optim import FusedStep, layer_optimizer, link_group_lrs
 from meta_llr.per_layer import PerLayer
 from meta_llr.registry import build_controller
 from meta_llr.schedules import lr_factors
-from meta_llr.records import CONFIG, ENV, SUMMARY, RunRecords, environment, rows_csv, save_atomic
+from meta_llr.records import CONFIG, ENV, METRICS, SUMMARY, RunRecords, environment, rows_csv
 
-CHECKPOINT = "checkpoint.pt"
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # checkpoint, record ``interrupted``, exit
 
 
 class Run:
@@ -146,6 +154,8 @@ class Run:
         self.best = {}
         self.wall_before = 0.0
         self.status, self.error, self.reason = "running", None, None
+        self.stop_signal: int | None = None  # set by a signal handler, read at step boundaries
+        self.resumes: list[dict] = []  # where this run was resumed from, for the summary
         self.trace_every = int(cfg.trainer.trace_every or max(1, total // 200))
         self.trace = torch.zeros(math.ceil(total / self.trace_every), num_layers, device=device)
         self.trace_flushed = 0
@@ -411,8 +421,9 @@ class Run:
         bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=self.quiet, unit="step",
                    desc=f"{self.cfg.controller.name}", dynamic_ncols=True, leave=True)
         total, eval_steps = self.plan.total_steps, self.eval_every_steps
+        handlers = self._catch_signals()
         try:
-            while self.epoch < self.epochs and self.status == "running":
+            while self.epoch < self.epochs and self.status == "running" and self.stop_signal is None:
                 log_point = False
                 for x, y in self.batches():
                     self.train_step(x, y)
@@ -427,7 +438,9 @@ class Run:
                         row = self.log_evaluation(time.perf_counter() - start)  # inside the epoch
                         bar.set_postfix(epoch=row["epoch"], loss=_short(row["train_loss"]),
                                         test_acc=_short(row["test_acc"], 4))
-                if self.status != "running":
+                    if self.stop_signal is not None:  # checked between steps: the state is whole
+                        break
+                if self.status != "running" or self.stop_signal is not None:
                     break
                 self.epoch += 1
                 if not log_point:  # the last step was not just checked
@@ -443,28 +456,60 @@ class Run:
                                     test_acc=_short(row["test_acc"], 4))
                 bar.update(self.step - bar.n)
                 if self.cfg.trainer.checkpoint:
-                    self.wall_before = time.perf_counter() - start
-                    save_atomic(self.state_dict(), records.dir / CHECKPOINT)
-            if self.status == "running":
+                    self.save_checkpoint(start)
+            if self.status == "running" and self.epoch < self.epochs:  # stopped by a signal
+                self.status, self.error = "interrupted", signal.Signals(self.stop_signal).name
+                if self.cfg.trainer.checkpoint:
+                    self.save_checkpoint(start)
+            elif self.status == "running":
                 self.status = "finished"
-        except KeyboardInterrupt:
-            self.status, self.error = "failed", "interrupted"
+        except KeyboardInterrupt:  # a second signal, or Ctrl-C without our handler: no new checkpoint
+            self.status, self.error = "interrupted", "KeyboardInterrupt"
             raise
         except Exception as error:
             self.status, self.error = "failed", f"{type(error).__name__}: {error}"
             raise
         finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
             bar.close()
-            self.flush_trace()
-            self.flush_train_loss()
-            summary = self.summary(time.perf_counter() - start)
-            records.write_json(SUMMARY, summary)
-            self.logger.finish(summary)
+            try:
+                self.flush_trace()
+                self.flush_train_loss()
+                summary = self.summary(time.perf_counter() - start)
+                records.write_json(SUMMARY, summary)
+                self.logger.finish(summary)
+            finally:
+                records.close()
+        if self.status == "interrupted":
+            print(f"interrupted by {self.error} at step {self.step}; resume with trainer.resume=auto "
+                  f"and the same run directory ({records.dir})", file=sys.stderr)
+            raise Interrupted(self.stop_signal)
         if not self.quiet:
             status = f"{summary['status']} ({self.reason})" if self.reason else summary["status"]
             print(f"{status}: test acc {summary['final_test_acc']} (best {summary['best_test_acc']}) "
                   f"after {self.step} steps, {summary['wall_s']:.1f} s -> {records.dir}")
         return summary
+
+    def close(self) -> None:
+        """Release the run directory (``fit`` does so when it ends)."""
+        self.records.close()
+
+    def _catch_signals(self) -> dict:
+        """Route SIGTERM/SIGINT/SIGUSR1 to a flag read at step boundaries (main thread only);
+        a second signal raises KeyboardInterrupt at once. Returns the handlers to restore."""
+        def on_signal(number, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = number
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {number: signal.signal(number, on_signal) for number in SIGNALS}
+
+    def save_checkpoint(self, start: float) -> None:
+        self.wall_before = time.perf_counter() - start
+        checkpoint.save(self.state_dict(), self.records.dir, self.step)
 
     def summary(self, wall: float) -> dict:
         last = self.records.metrics[-1] if self.records.metrics else {}
@@ -496,12 +541,15 @@ class Run:
             summary["diverged_at_step"] = self.step
         if self.error:
             summary["error"] = self.error
+        if self.resumes:
+            summary["resumes"] = self.resumes
         summary["layer_stats"] = self.diagnostics.summary()
         return summary
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "controller": self.controller.state_dict(),
@@ -516,6 +564,7 @@ class Run:
             "diagnostics": self.diagnostics.state_dict(),
             "loss_log": self.loss_log, "loss_base": self.loss_base, "seen_base": self.seen_base,
             "loss_logged": self.loss_logged, "loss_flushed": self.loss_flushed,
+            "lookahead_generator": self.lookahead_gen.get_state(), "resumes": list(self.resumes),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -542,6 +591,9 @@ class Run:
         self.records.load_state_dict(state["records"])
         self.wall_before = state["wall_s"]
         self.diagnostics.load_state_dict(state["diagnostics"])
+        if "lookahead_generator" in state:
+            self.lookahead_gen.set_state(state["lookahead_generator"])
+            self.resumes = list(state["resumes"])
         if "loss_log" in state:
             self.loss_log.copy_(state["loss_log"])
             self.loss_base.copy_(state["loss_base"])
@@ -610,14 +662,86 @@ def build_run(cfg: DictConfig, out_dir: str | Path, *, model: nn.Module | None =
     return Run(cfg, out_dir, data=data, model=model, controller=controller, device=device)
 
 
-def resume_if_asked(run: Run) -> Run:
-    """With ``trainer.resume=true`` and a checkpoint in the run directory, continue from it."""
-    checkpoint = run.records.dir / CHECKPOINT
-    if run.cfg.trainer.resume and checkpoint.exists():
-        run.load_state_dict(torch.load(checkpoint, map_location=run.device, weights_only=False))
-    return run
+def resume_mode(cfg: DictConfig) -> str:
+    """``trainer.resume`` as ``"false"``, ``"true"`` or ``"auto"``."""
+    value = cfg.trainer.resume
+    return "auto" if value == "auto" else "true" if value is True else "false"
+
+
+def resume_if_asked(run: Run) -> dict | None:
+    """Decide what ``run``'s directory allows, by ``trainer.resume``:
+
+    * an empty directory: start (``true`` refuses: nothing to continue);
+    * a run already there: ``false`` refuses; ``true``/``auto`` continue it from its newest
+      intact checkpoint, records rolled back to that checkpoint, or return its summary when it
+      is already over (finished or diverged) and there is nothing to do; ``auto`` starts over
+      a run killed before its first checkpoint.
+
+    The run there must be this one: a config differing in any key that changes the
+    computation (:data:`meta_llr.checkpoint.FREE_KEYS` excepted) is refused in one line
+    listing the keys. Every refusal releases the directory. Returns the summary of a run
+    that is over, else None (then call ``run.fit()``)."""
+    try:
+        return _resume(run)
+    except BaseException:
+        run.records.close()
+        raise
+
+
+def _resume(run: Run) -> dict | None:
+    mode, directory = resume_mode(run.cfg), run.records.dir
+    found = checkpoint.checkpoints(directory)
+    if not (found or any((directory / name).exists() for name in (CONFIG, METRICS, SUMMARY))):
+        if mode == "true":
+            raise UserError(f"trainer.resume=true but {directory} holds no run to continue; "
+                            f"trainer.resume=auto starts one when there is none")
+        return None
+    if mode == "false":
+        raise UserError(f"{directory} already holds a run; continue it with trainer.resume=auto "
+                        f"(or true), or give this run another directory")
+    current = OmegaConf.to_container(run.cfg, resolve=True)
+
+    def refuse_if_changed(saved: dict | None, where: str) -> None:
+        changed = checkpoint.config_diff(saved, current) if saved is not None else []
+        if changed:
+            raise UserError(f"{directory} holds a run with another config ({where}): {'; '.join(changed)}; "
+                            f"resume with the same settings or give this run another directory")
+
+    config_file = directory / CONFIG
+    saved_config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True) if config_file.exists() else None
+    summary = _read_summary(directory / SUMMARY)
+    if summary is not None and summary.get("status") in ("finished", "diverged"):
+        refuse_if_changed(saved_config, CONFIG)
+        if not run.quiet:
+            print(f"{directory}: already {summary['status']}, nothing to do")
+        run.records.close()
+        return summary
+    loaded = checkpoint.load_latest(directory, run.device)
+    if loaded is None:  # records but no checkpoint: killed in its first epoch
+        if mode == "true":
+            raise UserError(f"trainer.resume=true but {directory} has no checkpoint (the run stopped before "
+                            f"its first); trainer.resume=auto starts it over")
+        refuse_if_changed(saved_config, CONFIG)
+        run.records.rewrite()
+        return None
+    state, path, damaged = loaded
+    refuse_if_changed(state.get("config", saved_config), path.name)
+    run.load_state_dict(state)
+    run.resumes.append({"from_step": run.step, "checkpoint": path.name, **({"damaged": damaged} if damaged else {})})
+    run.records.rewrite()
+    return None
+
+
+def _read_summary(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Run (or, with ``trainer.resume=true`` and a checkpoint in ``out_dir``, continue) one training."""
-    return resume_if_asked(build_run(cfg, out_dir)).fit()
+    """Run one training in ``out_dir`` (or continue it, or return its summary when it is over;
+    see :func:`resume_if_asked`)."""
+    run = build_run(cfg, out_dir)
+    done = resume_if_asked(run)
+    return done if done is not None else run.fit()

@@ -2,30 +2,49 @@
 
 The command: Hydra composes the typed config (:mod:`meta_llr.config`), :func:`meta_llr.run.train`
 trains. Every override is checked before Hydra starts (types, ranges, names, the controller's
-own options), so bad input is one line on stderr and exit status 2, never a traceback; in a
-multirun (``-m``) every job's overrides are checked before the first job runs.
+own options, a writable run directory), so bad input is one line on stderr and exit status
+2, never a traceback. In a multirun (``-m``) only the override grammar is checked first; each
+job is checked by meta_llr's sweeper (:mod:`meta_llr.sweep`), and a job that fails is recorded
+and the sweep goes on (exit status 1 if any failed). A run stopped by SIGTERM, SIGINT or
+SIGUSR1 checkpoints, records ``interrupted`` and exits with 128 + the signal's number.
 """
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from meta_llr.errors import UserError
+from meta_llr.errors import Interrupted, UserError
 from meta_llr.run import train
 
 
-def _hydra_main(cfg: DictConfig):
+def _hydra_main(cfg: DictConfig) -> dict:
+    """One job: its summary and ``run_dir``. In a sweep a failure is recorded and returned."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from meta_llr import sweep
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg, out_dir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    return summary.get("final_test_acc")
+        if not multirun:
+            sys.exit(2)
+        summary = {"status": "failed", "error": str(error)}
+        sweep.record_failure(out_dir, str(error))
+    except Exception as error:  # a crash is a bug: show it, record it, let the sweep go on
+        if not multirun:
+            raise
+        traceback.print_exc()
+        summary = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        sweep.record_failure(out_dir, summary["error"])
+    return {**summary, "run_dir": str(out_dir)}
 
 
 def job_overrides(argv: list[str]) -> list[list[str]]:
@@ -43,7 +62,8 @@ def job_overrides(argv: list[str]) -> list[list[str]]:
 
 
 def check_argv(argv: list[str]) -> None:
-    """Compose and check the config of every job ``argv`` would run; one UserError line."""
+    """Check what ``argv`` asks before Hydra starts; one UserError line. A single run: its
+    config and its run directory; a multirun: the override grammar (jobs: the sweeper)."""
     from meta_llr.config import compose
 
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
@@ -53,8 +73,42 @@ def check_argv(argv: list[str]) -> None:
         jobs = job_overrides(argv)
     except Exception as error:  # a malformed override: Hydra's parser says what is wrong
         raise UserError(f"bad override: {str(error).splitlines()[0]}") from None
-    for job in jobs:
-        compose(job)
+    if any(a in ("-m", "--multirun") for a in argv):
+        return
+    compose(jobs[0])
+    check_writable(run_dir_of(argv), "hydra.run.dir")
+
+
+def run_dir_of(argv: list[str]) -> Path:
+    """The run directory Hydra will create for a single run of ``argv``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in argv if not a.startswith("-") and "=" in a]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return Path(str(OmegaConf.select(cfg, "hydra.run.dir")))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def check_writable(directory: Path, option: str) -> None:
+    """``directory`` is, or can be made, a directory we can write (made here, as Hydra would
+    make it next); else one UserError line."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as error:
+        raise UserError(f"{option}={directory} cannot be written ({error.strerror or error}); "
+                        f"choose another {option}") from None
 
 
 def main() -> None:
@@ -68,7 +122,14 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    hydra.main(version_base="1.3", config_path="pkg://meta_llr.conf", config_name="config")(_hydra_main)()
+    from meta_llr import sweep
+
+    try:
+        hydra.main(version_base="1.3", config_path="pkg://meta_llr.conf", config_name="config")(_hydra_main)()
+    except Interrupted as stop:
+        sys.exit(stop.exit_code)
+    if sweep.last_counts["failed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

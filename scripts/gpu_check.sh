@@ -58,7 +58,7 @@ part bench "$PYTHON" -m meta_llr.bench --device cuda --models fastnet,resnet,res
 
 if { [ -f "$CIFAR_DIR/cifar10-train.zip" ] && [ -f "$CIFAR_DIR/cifar10-test.zip" ]; } || { [ -d "$CIFAR_DIR/train" ] && [ -d "$CIFAR_DIR/test" ]; }; then
     part fastnet_cifar10 "$PYTHON" -m meta_llr.train controller=uniform model=fastnet data=imagefolder \
-        "data.path=$(cd "$CIFAR_DIR" && pwd)" data.workers=1 "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda \
+        "data.path=$(cd "$CIFAR_DIR" && pwd)" data.augment.flip=true data.workers=1 "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda \
         trainer.epochs=10 trainer.batch_size=512 trainer.lr=0.1 schedule=onecycle trainer.label_smoothing=0.2 \
         trainer.compile=true trainer.checkpoint=false quiet=true "hydra.run.dir=$OUT/fastnet_cifar10"
     if [ -f "$OUT/fastnet_cifar10/summary.json" ]; then

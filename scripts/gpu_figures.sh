@@ -21,7 +21,7 @@ OUT=${OUT:-./gpu_figures_out}
 PYTHON=${PYTHON:-python}
 mkdir -p "$ROOT" "$OUT"
 DEVICE=${DEVICE:-cuda}
-C="data=imagefolder data.path=$DATA data.workers=1 device=$DEVICE quiet=true trainer.checkpoint=false"
+C="data=imagefolder data.path=$DATA data.augment.flip=true data.workers=1 device=$DEVICE quiet=true trainer.checkpoint=false"
 train() { "$PYTHON" -m meta_llr.train $C "$@" || echo "!! failed: $*"; }
 
 echo "== decode and cache the data once"
@@ -32,7 +32,7 @@ study_file="$ROOT/discussion_first_gpu.yaml"
 import sys, yaml
 from importlib.resources import files
 study = yaml.safe_load(files("meta_llr.studies").joinpath("discussion_first.yaml").read_text())
-study["grid"].update(epochs=10, seeds=[0, 1, 2], overrides=[f"data.path={sys.argv[1]}"])
+study["grid"].update(epochs=10, seeds=[0, 1, 2], overrides=[f"data.path={sys.argv[1]}", "data.augment.flip=true"])
 study["description"] += " GPU run: 10 epochs, 3 seeds."
 open(sys.argv[2], "w").write(yaml.safe_dump(study, sort_keys=False))
 EOF

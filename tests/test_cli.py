@@ -39,6 +39,37 @@ def test_bad_input_gives_one_line(args, fragments, tmp_path):
     one_line_error(cli(*args, f"hydra.run.dir={tmp_path}/run", "quiet=true"), "error:", *fragments)
 
 
+def test_bad_files_give_one_line(tmp_path):
+    """Faults found while loading (a damaged zip member, garbage rnn_meta weights) end in one line too."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    def png(value):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), (value, value, value)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    zpath = tmp_path / "tree.zip"
+    with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for split in ("train", "test"):
+            for cls in ("a", "b"):
+                zf.writestr(f"{split}/{cls}/0.png", png(40 if cls == "a" else 200))
+    with zipfile.ZipFile(zpath) as zf:
+        info = zf.getinfo("test/b/0.png")
+    raw = bytearray(zpath.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    raw[start + 2:start + 12] = bytes(b ^ 0xFF for b in raw[start + 2:start + 12])
+    zpath.write_bytes(bytes(raw))
+    one_line_error(cli("data=imagefolder", f"data.path={zpath}", "data.cache=false", "device=cpu", "trainer.epochs=1",
+                       f"hydra.run.dir={tmp_path}/zip", "quiet=true"), "error:", str(zpath), "test/b/0.png")
+    weights = tmp_path / "weights.pt"
+    weights.write_text("not weights")
+    one_line_error(cli("controller=rnn_meta", "controller.learn=off", f"controller.weights={weights}",
+                       f"hydra.run.dir={tmp_path}/rnn", "quiet=true"), "error:", str(weights))
+
+
 def test_digits_run_from_the_cli_writes_every_record(tmp_path):
     run_dir = tmp_path / "run"
     result = cli("controller=uniform", f"hydra.run.dir={run_dir}", "quiet=true")

@@ -145,7 +145,7 @@ def test_sources_name_themselves_and_share_the_common_options():
         assert issubclass(cls, DataConfig) and cfg.name == name and cls.section == "data"
         assert isinstance(cfg.augment, AugmentConfig) and AugmentConfig.section == "data.augment"
         assert cfg.val_size == 0 and cfg.split_seed == 0
-        expected_augment = (0, False) if name == "digits" else (4, True)
+        expected_augment = {"digits": (0, False), "imagefolder": (4, False)}.get(name, (4, True))
         assert (cfg.augment.crop_pad, cfg.augment.flip) == expected_augment
         assert cls().augment is not cfg.augment  # one AugmentConfig per instance
 
@@ -164,8 +164,9 @@ FORMER_YAML = {
                 "augment": {"crop_pad": 4, "flip": True}},
     "cifar100": {"name": "cifar100", "root": None, "download": True, "fine_labels": True, "val_size": 0, "split_seed": 0, "train_subset": 0,
                  "augment": {"crop_pad": 4, "flip": True}},
+    # imagefolder no longer flips by default: a generic image is not assumed mirror-symmetric
     "imagefolder": {"name": "imagefolder", "path": None, "channels": 3, "cache": True, "root": None, "workers": 2,
-                    "val_size": 0, "split_seed": 0, "train_subset": 0, "augment": {"crop_pad": 4, "flip": True}},
+                    "val_size": 0, "split_seed": 0, "train_subset": 0, "augment": {"crop_pad": 4, "flip": False}},
     "synthetic": {"name": "synthetic", "channels": 3, "size": 32, "classes": 10, "train_size": 2048, "test_size": 512,
                   "seed": 0, "val_size": 0, "split_seed": 0, "train_subset": 0, "augment": {"crop_pad": 4, "flip": True}},
 }
@@ -311,7 +312,7 @@ def test_imagefolder_png_tree_and_cache(tmp_path, monkeypatch):
     def must_not_decode(*a, **k):
         raise AssertionError("second load must come from the cache")
 
-    monkeypatch.setattr(imagefolder_mod, "read_imagefolder", must_not_decode)
+    monkeypatch.setattr(imagefolder_mod, "_decode", must_not_decode)
     again = load_data(cfg)
     check_known(again)
     assert torch.equal(again.train.x, d.train.x) and again.classes == d.classes
@@ -381,10 +382,14 @@ def test_imagefolder_errors(tmp_path):
         check_section(ImageFolderConfig(path=str(tmp_path), channels=2))
     assert one_line_error(e) == "data.channels=2 is out of range; allowed: one of 1, 3"
 
-    # val_size against the train images: known only once the tree is read.
-    with pytest.raises(UserError) as e:
-        load_data({"name": "imagefolder", "path": str(write_tree(tmp_path / "six")), "val_size": 6, "cache": False})
-    assert one_line_error(e).startswith("data.val_size=6 is invalid for 6 training examples of 'imagefolder'")
+    # val_size against the train images: counted from the file listing, before anything is decoded.
+    six = write_tree(tmp_path / "six")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imagefolder_mod, "_decode", lambda *a: pytest.fail("val_size must be checked before decoding"))
+        with pytest.raises(UserError) as e:
+            load_data({"name": "imagefolder", "path": str(six), "val_size": 6, "cache": False})
+    assert one_line_error(e) == (f"data.val_size=6 is out of range; allowed: < 6, the 6 train images under data.path "
+                                 f"'{six.absolute()}' (0: no validation split)")
 
     only_train = write_tree(tmp_path / "only_train", splits=(("train", COLOURS),))
     (only_train / "valid").mkdir()
@@ -403,6 +408,103 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(UserError) as e:
         load_data({"name": "imagefolder", "path": str(sizes)})
     assert "99.png" in one_line_error(e)
+
+
+def damage_member(zpath, member):
+    """Flip bytes inside ``member``'s (compressed or stored) data in the zip ``zpath``."""
+    with zipfile.ZipFile(zpath) as zf:
+        info = zf.getinfo(member)
+    raw = bytearray(zpath.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for k in range(start + 2, start + min(info.compress_size, 12)):
+        raw[k] ^= 0xFF
+    zpath.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize("member", ["train/blue/00.png", "test/red/00.png"])  # the first image, a later one
+def test_imagefolder_damaged_zip_member_is_one_line(tmp_path, compression, member):
+    data = tmp_path / "zipped"
+    data.mkdir()
+    write_zip(data / "all.zip", [("train", COLOURS), ("test", TEST_COLOURS)], compression=compression)
+    damage_member(data / "all.zip", member)
+    with pytest.raises(UserError) as e:
+        load_data({"name": "imagefolder", "path": str(data), "cache": False})
+    msg = one_line_error(e)
+    assert str(data / "all.zip") in msg and member in msg and "download or extract it again" in msg
+
+
+def test_imagefolder_bad_files_are_one_line(tmp_path):
+    def error(path, **options):
+        with pytest.raises(UserError) as e:
+            load_data({"name": "imagefolder", "path": str(path), "cache": False, **options})
+        return one_line_error(e)
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    write_zip(truncated / "all.zip", [("train", COLOURS), ("test", TEST_COLOURS)])
+    (truncated / "all.zip").write_bytes((truncated / "all.zip").read_bytes()[:100])
+    msg = error(truncated)
+    assert str(truncated / "all.zip") in msg and "damaged" in msg and "download or extract it again" in msg
+
+    not_zip = tmp_path / "weights.pt"
+    not_zip.write_bytes(b"\x80\x02 not a zip")
+    msg = error(not_zip)
+    assert str(not_zip) in msg and "not a readable zip" in msg and "pass a folder" in msg
+
+    no_images = tmp_path / "no_images"
+    no_images.mkdir()
+    write_zip(no_images / "notes.zip", [], extra=[("train/red/readme.txt", "hi")])
+    assert "no train or test images" in error(no_images) and "notes.zip" in error(no_images)
+    assert "zip notes.zip with no train/<class>/<image>" in error(no_images / "notes.zip")
+
+    (tmp_path / "empty").mkdir()
+    assert str(tmp_path / "empty") in error(tmp_path / "empty") and "an empty folder" in error(tmp_path / "empty")
+    text_only = tmp_path / "text_only"
+    for split in ("train", "test"):
+        (text_only / split / "red").mkdir(parents=True)
+        (text_only / split / "red" / "notes.txt").write_text("not an image")
+    assert "no train or test images" in error(text_only)
+
+    for name, content in [("01.png", b"not a png"), ("01.jpg", b"\xff\xd8\xff not a jpeg"), ("01.png", png_bytes((1, 2, 3))[:40])]:
+        tree = write_tree(tmp_path / f"corrupt{name}{len(content)}")
+        (tree / "train" / "red" / name).write_bytes(content)
+        msg = error(tree)
+        assert str(tree / "train" / "red" / name) in msg and "fix or remove that file" in msg
+    first = write_tree(tmp_path / "corrupt_first")
+    (first / "train" / "blue" / "00.png").write_bytes(b"")
+    assert str(first / "train" / "blue" / "00.png") in error(first)
+
+
+def test_fewer_than_two_classes_is_refused_by_every_source(tmp_path):
+    one = write_tree(tmp_path / "one", splits=(("train", {"red": COLOURS["red"]}), ("test", {"red": TEST_COLOURS["red"]})))
+    with pytest.raises(UserError) as e:
+        load_data({"name": "imagefolder", "path": str(one), "cache": False})
+    msg = one_line_error(e)
+    assert str(one.absolute()) in msg and "1 class (red)" in msg and "at least 2" in msg
+    # the check lives in Dataset, so meta_llr.dataset_from_tensors (and a hand-built Dataset) meet it too
+    from meta_llr import dataset_from_tensors
+
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(UserError) as e:
+        dataset_from_tensors((x, torch.full((4,), 3), x, torch.tensor([0, 1, 2, 3])))
+    assert "1 class (3)" in one_line_error(e)
+    assert dataset_from_tensors((x, torch.tensor([0, 1, 0, 1]), x, torch.tensor([0, 1, 1, 1]))).num_classes == 2
+
+
+def test_corrupt_imagefolder_cache_is_rebuilt(tmp_path):
+    data = write_tree(tmp_path / "imgs")
+    cfg = {"name": "imagefolder", "path": str(data), "root": str(tmp_path / "cache")}
+    check_known(load_data(cfg))
+    [npz] = cache_files(tmp_path / "cache")
+    wrong_layout = io.BytesIO()
+    np.savez(wrong_layout, train_x=np.zeros((6, 3)), train_y=np.zeros(6), test_x=np.zeros(2), test_y=np.zeros(2),
+             classes=np.array(["red"]))
+    for content in (b"garbage", npz.read_bytes()[:200], wrong_layout.getvalue()):
+        npz.write_bytes(content)
+        with pytest.warns(UserWarning, match="ignoring unreadable cache .*; rebuilding it"):
+            check_known(load_data(cfg))
+        assert cache_files(tmp_path / "cache") == [npz] and npz.read_bytes() != content
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -507,6 +609,36 @@ def test_missing_cifar_is_a_one_line_user_error(tmp_path, name):
         load_data({"name": name, "root": str(root), "download": False})
     msg = one_line_error(e)
     assert "-python.tar.gz" in msg and str(root) in msg and "data=imagefolder data.path=DIR" in msg
+
+
+def test_bad_cifar_files_are_one_line(tmp_path):
+    members = cifar10_members()
+    members["batches.meta"] = pickle.dumps({b"names": [b"a"]})
+    folder = tmp_path / "root" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name, payload in members.items():
+        (folder / name).write_bytes(payload)
+    with pytest.raises(UserError) as e:
+        load_data({"name": "cifar10", "root": str(tmp_path / "root")})
+    msg = one_line_error(e)
+    assert "batches.meta" in msg and "label_names" in msg and "download the archive again" in msg
+
+    archive = tmp_path / "gz" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    write_tar(archive, "cifar-10-batches-py", cifar10_members())
+    archive.write_bytes(archive.read_bytes()[:300])  # truncated gzip stream
+    with pytest.raises(UserError) as e:
+        read_cifar(archive)
+    assert str(archive) in one_line_error(e)
+    with pytest.raises(UserError) as e:  # damaged archive in data.root, no download allowed: md5 checked here
+        load_data({"name": "cifar10", "root": str(archive.parent), "download": False})
+    msg = one_line_error(e)
+    assert str(archive) in msg and "damaged" in msg and "data.download=true" in msg
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError) as e:
+        load_data({"name": "cifar10", "root": str(tmp_path / "file")})
+    assert one_line_error(e).startswith(f"data.root '{tmp_path / 'file'}' is a file, not a folder")
 
 
 # --------------------------------------------------------------------------- augment

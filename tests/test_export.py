@@ -108,6 +108,33 @@ def test_replay_by_depth_and_mismatch_errors(tmp_path, make_config):
         build_run(make_config(*replay_overrides(tmp_path / "none.json")), tmp_path / "d")
 
 
+BAD_CURVES = {  # file name -> content (None: no file; "dir": a folder)
+    "missing.json": None,
+    "folder.json": "dir",
+    "invalid.json": "{not json",
+    "binary.json": bytes(range(128, 256)),
+    "wrong_keys.json": json.dumps({"format": FORMAT, "curves": []}),
+    "wrong_layer_keys.json": json.dumps({"format": FORMAT, "layers": [{"name": "a", "knot": [0.0], "value": [1.0]}]}),
+    "nan_value.json": '{"format": "%s", "layers": [{"name": "a", "knots": [0, 1], "values": [1, NaN]}]}' % FORMAT,
+    "inf_knot.json": '{"format": "%s", "layers": [{"name": "a", "knots": [0, Infinity], "values": [1, 1]}]}' % FORMAT,
+    "two_layers.json": json.dumps(new_curve([{"name": n, "knots": [0.0], "values": [1.0]} for n in ("a", "b")])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CURVES))
+def test_bad_replay_curve_files_are_one_line(tmp_path, make_config, name):
+    path, content = tmp_path / name, BAD_CURVES[name]
+    if content == "dir":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError) as e:  # the file is read while composing; the layer count checked at setup
+        build_run(make_config(*replay_overrides(path)), tmp_path / "run")
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
 def test_export_errors_are_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     (tmp_path / "empty").mkdir()
@@ -149,9 +176,9 @@ def test_curve_files_are_checked_and_evaluated(tmp_path):
         ("[1, 2]", "is not a meta_llr curve"),
         (json.dumps({"format": "other/1", "layers": layers}), "is not a meta_llr curve"),
         (json.dumps({"format": FORMAT, "layers": [{"name": "a", "knots": [0.5, 0.0], "values": [1, 1]}]}),
-         "layer a needs increasing knots"),
+         "layer a needs finite increasing knots"),
         (json.dumps({"format": FORMAT, "layers": [{"name": "a", "knots": [0.0], "values": [1, 2]}]}),
-         "layer a needs increasing knots and one value per knot"),
+         "layer a needs finite increasing knots and one value per knot"),
         (json.dumps({"format": FORMAT, "layers": [{"name": "a", "knots": [0.0], "values": [-1]}]}),
          "layer a has negative or non-finite values"),
         (json.dumps({"format": FORMAT, "layers": [{"name": "a", "depth": 2, "knots": [0.0], "values": [1]}]}),

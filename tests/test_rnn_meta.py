@@ -175,6 +175,44 @@ def test_bad_weights_give_one_line_errors(tmp_path):
         RNNMeta(min_scale=2.0)
 
 
+def _bad_weights(kind):
+    good = RNNMeta().weights_dict()
+    nan = {k: torch.full_like(v, float("nan")) for k, v in good["params"].items()}
+    return {"wrong_format": {**good, "format": "other/1"}, "a_tensor": torch.zeros(3),
+            "wrong_keys": {**good, "params": {"gru.weight": torch.zeros(3)}},
+            "wrong_shapes": {**good, "params": RNNMeta(hidden=8).weights_dict()["params"]},
+            "no_hidden": {k: v for k, v in good.items() if k != "hidden"},
+            "non_finite": {**good, "params": nan}}[kind]
+
+
+@pytest.mark.parametrize("kind", ["text", "random_bytes", "wrong_format", "a_tensor", "wrong_keys", "wrong_shapes",
+                                  "no_hidden", "non_finite"])
+def test_garbage_weights_files_are_one_line(tmp_path, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "text":
+        path.write_text("these are not weights\n")
+    elif kind == "random_bytes":
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        torch.save(_bad_weights(kind), path)
+    with pytest.raises(UserError) as e:
+        compose_config(*TINY, "controller=rnn_meta", "controller.learn=off", f"controller.weights={path}")
+    msg = str(e.value)
+    assert "\n" not in msg and f"controller.weights={path}" in msg and "format meta_llr.rnn_meta/1" in msg
+
+
+@pytest.mark.parametrize("content", ["", "step,progress,global_lr,q0,q1,q2\n0,0.0,0.1,1,one,1\n",
+                                     "step,progress,global_lr,q0,q1,q2\n0,0.0,0.1,1,nan,1\n",
+                                     "step,progress,global_lr,q0,q1,q2\n0,0.0,0.1,1\n"])
+def test_bad_baseline_csv_is_one_line(tmp_path, content):
+    path = tmp_path / "llr.csv"
+    path.write_text(content)
+    quad = Quadratic(steps=4)
+    with pytest.raises(UserError) as e:
+        RNNMeta(baseline_curve=str(path)).setup(quad.layers, quad.plan)
+    assert "\n" not in str(e.value) and f"controller.baseline_curve={path}" in str(e.value)
+
+
 def test_learn_off_is_deterministic_and_uses_the_weights(tmp_path):
     trained = RNNMeta(learn="online", meta_lr=0.05)
     Quadratic(steps=60).run(trained)

@@ -27,6 +27,7 @@ def test_resume_mid_epoch_is_exact(tmp_path):
         if i == 1:
             break
     state = interrupted.state_dict()
+    interrupted.close()  # as its process ending would
     resumed = build_run(cfg, tmp_path / "b")
     resumed.load_state_dict(state)
     resumed.fit()

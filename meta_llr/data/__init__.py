@@ -20,13 +20,16 @@ loader; each option's range is checked by :func:`meta_llr.options.check_section`
 ``imagefolder`` (:mod:`meta_llr.data.imagefolder`, :mod:`meta_llr.data.cache`)
     A class-per-folder tree with ``train/`` and ``test/`` splits, as folders
     or inside zip files (see :func:`read_imagefolder`). Decoded once with PIL
-    and cached as an ``.npz``.
+    and cached as an ``.npz``. Augmented by random crops only: ``data.augment.flip``
+    is false by default (a generic image is not assumed mirror-symmetric; the CIFAR
+    sources and ``synthetic`` flip).
 ``synthetic`` (:mod:`meta_llr.data.synthetic`)
     Seeded random pixels and random labels, for benchmarks only.
 
 All sources accept ``val_size``: when > 0, that many train images are held
 out (stratified, seeded by ``split_seed``) as :attr:`Dataset.val`. Mean and std
 are computed from the remaining train images (:mod:`meta_llr.data.containers`).
+A dataset whose train images hold fewer than 2 classes is refused (:class:`Dataset`).
 """
 
 from __future__ import annotations

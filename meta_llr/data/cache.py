@@ -77,7 +77,8 @@ def cache_file_of(path: Path, channels: int, root: Path) -> tuple[Path, str]:
 
 
 def read_cache(cache_file: Path) -> tuple[Split, Split, list[str]] | None:
-    """``(train, test, classes)`` from ``cache_file``; None when absent or unreadable (warned)."""
+    """``(train, test, classes)`` from ``cache_file``, as :func:`write_cache` wrote them; None when
+    absent, unreadable or not of that layout (warned: the caller rebuilds it)."""
     if not cache_file.is_file():
         return None
     try:
@@ -85,9 +86,14 @@ def read_cache(cache_file: Path) -> tuple[Split, Split, list[str]] | None:
             train = Split(torch.from_numpy(z["train_x"]), torch.from_numpy(z["train_y"]))
             test = Split(torch.from_numpy(z["test_x"]), torch.from_numpy(z["test_y"]))
             classes = [str(c) for c in z["classes"]]
+        for split in (train, test):
+            if split.x.dtype != torch.uint8 or split.x.dim() != 4 or split.y.dtype != torch.int64 \
+                    or split.y.shape != split.x.shape[:1] or split.x.shape[1:] != train.x.shape[1:] \
+                    or (len(split) and not 0 <= int(split.y.min()) <= int(split.y.max()) < len(classes)):
+                raise ValueError("arrays of the wrong dtype, shape or labels")
         return train, test, classes
     except Exception as exc:  # corrupt or foreign file: rebuild it
-        warnings.warn(f"ignoring unreadable cache {cache_file}: {_one_line(exc)}", stacklevel=3)
+        warnings.warn(f"ignoring unreadable cache {cache_file} ({_one_line(exc)}); rebuilding it", stacklevel=3)
         return None
 
 

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -101,6 +102,12 @@ def _unpickle(data: bytes, where: str) -> dict[str, object]:
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}
 
 
+def _field(meta: dict[str, object], key: str, where: str) -> object:
+    if key not in meta:
+        raise UserError(f"CIFAR pickle {where} lacks '{key}'; delete it and download the archive again")
+    return meta[key]
+
+
 def _names(value: object) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value]  # type: ignore[union-attr]
 
@@ -152,7 +159,7 @@ def read_cifar(dir_or_archive: str | os.PathLike, fine_labels: bool = True) -> t
                         f = tar.extractfile(member)
                         if f is not None:
                             files[base] = f.read()
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise UserError(f"cannot read CIFAR archive {src}: {_one_line(exc)}; delete it and download it again") from None
     elif src.is_dir():
         folder = src
@@ -160,28 +167,31 @@ def read_cifar(dir_or_archive: str | os.PathLike, fine_labels: bool = True) -> t
             if (src / sub).is_dir():
                 folder = src / sub
                 break
-        for p in folder.iterdir():
-            if p.is_file():
-                files[p.name] = p.read_bytes()
+        try:
+            for p in folder.iterdir():
+                if p.is_file():
+                    files[p.name] = p.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read CIFAR folder {folder}: {_one_line(exc)}; make it readable or delete it and download again") from None
     else:
         raise UserError(f"CIFAR data '{src}' does not exist; pass the archive or its extracted folder")
 
     if all(k in files for k in _C10_TRAIN + ["test_batch", "batches.meta"]):
         meta = _unpickle(files["batches.meta"], f"{src}/batches.meta")
-        classes = _names(meta["label_names"])
+        classes = _names(_field(meta, "label_names", f"{src}/batches.meta"))
         train = _cifar_split([_unpickle(files[k], f"{src}/{k}") for k in _C10_TRAIN], "labels", str(src))
         test = _cifar_split([_unpickle(files["test_batch"], f"{src}/test_batch")], "labels", str(src))
     elif all(k in files for k in ("train", "test", "meta")):
         meta = _unpickle(files["meta"], f"{src}/meta")
         kind = "fine" if fine_labels else "coarse"
-        classes = _names(meta[f"{kind}_label_names"])
+        classes = _names(_field(meta, f"{kind}_label_names", f"{src}/meta"))
         train = _cifar_split([_unpickle(files["train"], f"{src}/train")], f"{kind}_labels", str(src))
         test = _cifar_split([_unpickle(files["test"], f"{src}/test")], f"{kind}_labels", str(src))
     else:
         found = ", ".join(sorted(files)) or "nothing"
         raise UserError(
             f"'{src}' is not CIFAR python-version data (found: {found}); expected data_batch_1..5, test_batch, batches.meta "
-            "(CIFAR-10) or train, test, meta (CIFAR-100)"
+            "(CIFAR-10) or train, test, meta (CIFAR-100); delete it and download the archive again"
         )
     for split in (train, test):
         if split.y.numel() and (int(split.y.min()) < 0 or int(split.y.max()) >= len(classes)):
@@ -208,11 +218,19 @@ def load_cifar(cfg: Cifar10Config) -> Dataset:
         f"put {info['filename']} (md5 {info['md5']}) in {root} (set data.root=DIR to use another folder), "
         f"or use data=imagefolder data.path=DIR"
     )
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.root '{root}' is a file, not a folder; set data.root=DIR (or null for the default cache folder)")
     if not marker.is_file():
         archive = root / info["filename"]
         download = bool(cfg.download)
         if not download and not archive.is_file():
             raise UserError(f"{pretty} not found in {root} and data.download=false; {hint}")
+        if not download:  # extract the archive that is there, never fetch a fresh one
+            from torchvision.datasets.utils import check_integrity
+
+            if not check_integrity(str(archive), info["md5"]):
+                raise UserError(f"{pretty} archive {archive} is damaged (md5 is not {info['md5']}) and data.download=false; "
+                                "delete it and set data.download=true, or put the original archive there")
         try:
             root.mkdir(parents=True, exist_ok=True)
             _download_archive(info["url"], root, info["filename"], info["md5"])

@@ -43,6 +43,10 @@ class Split:
 
 @dataclass
 class Dataset:
+    """A whole dataset in CPU memory. Every source and ``meta_llr.dataset_from_tensors`` build
+    one; building one with fewer than 2 distinct labels in ``train`` is a one-line UserError
+    naming ``name`` and ``source`` (nothing can be learned from one class)."""
+
     name: str
     train: Split
     test: Split
@@ -52,6 +56,15 @@ class Dataset:
     std: tuple[float, ...]
     synthetic: bool
     source: str
+
+    def __post_init__(self) -> None:
+        present = torch.unique(self.train.y).tolist()
+        if len(present) < 2:
+            shown = ", ".join(self.classes[k] if 0 <= k < len(self.classes) else str(k) for k in present) or "none"
+            raise UserError(
+                f"data '{self.name}' ({self.source}) has {len(present)} class ({shown}) among its {len(self.train)} "
+                "training images; a classifier needs at least 2: add training images of another class"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -90,7 +103,8 @@ class DataConfig:
 
 
 def check_val_size(cfg: Any, n_train: int, what: str) -> None:
-    """``validate`` helper: ``val_size`` must leave at least one of the ``n_train`` train images."""
+    """``val_size`` must leave at least one of the ``n_train`` train images (``what`` names them):
+    the configs' ``validate``, imagefolder before decoding, and :func:`_finish` all ask here."""
     if cfg.val_size >= n_train:
         fail(f"{DataConfig.section}.val_size", cfg.val_size, f"< {n_train}, the {what} (0: no validation split)")
 
@@ -166,12 +180,7 @@ def _finish(cfg: Any, name: str, train: Split, test: Split, classes: list[str], 
     """Hold out ``cfg.val_size`` train images (stratified, seeded by ``cfg.split_seed``) and
     compute mean/std from the rest. ``cfg`` is a checked :class:`DataConfig` (or its node)."""
     val_size, split_seed = int(cfg.val_size), int(cfg.split_seed)
-    n = len(train)
-    if val_size >= n:  # known only now for imagefolder; the configs' validate() catch the rest earlier
-        raise UserError(
-            f"data.val_size={val_size} is invalid for {n} training examples of '{name}'; "
-            f"pass data.val_size=K with 0 <= K < {n} (0 disables the validation split)"
-        )
+    check_val_size(cfg, len(train), f"{len(train)} train images of '{name}'")
     val = None
     if val_size > 0:
         keep, hold = stratified_holdout(train.y, val_size, split_seed)

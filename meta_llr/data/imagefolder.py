@@ -14,15 +14,16 @@ import os
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from meta_llr.data.augment import AugmentConfig
 from meta_llr.data.cache import cache_file_of, cache_root, read_cache, write_cache
-from meta_llr.data.containers import DataConfig, Dataset, Split, _finish, _one_line
+from meta_llr.data.containers import DataConfig, Dataset, Split, _finish, _one_line, check_val_size
 from meta_llr.errors import UserError
 from meta_llr.options import opt
 
@@ -35,7 +36,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 class ImageFolderConfig(DataConfig):
     """Class-per-folder image tree with train/ and test/ splits, as folders
     (path/train/<class>/*.png|jpg) or zips with train/<class>/<file> entries.
-    Decoded once with PIL and cached as .npz under root."""
+    Decoded once with PIL and cached as .npz under root. No flip by default: a generic image
+    is not assumed mirror-symmetric (data.augment.flip=true for CIFAR-like photos)."""
 
     name: str = opt("imagefolder", choices=("imagefolder",))
     # Required, but null by default so that the defaults pass check_section: the loader says
@@ -45,6 +47,7 @@ class ImageFolderConfig(DataConfig):
     cache: bool = opt(True, free=True, doc="cache decoded arrays as .npz (keyed by path, file sizes, mtimes)")
     root: Optional[str] = opt(None, free=True, doc="cache folder; null: $XDG_CACHE_HOME/meta_llr or ~/.cache/meta_llr")
     workers: int = opt(2, ge=0, doc="decoding processes for the first load (0 or 1: decode in this process)")
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(flip=False))
 
 
 # --------------------------------------------------------------------------- #
@@ -109,8 +112,12 @@ def _split_sources(path: Path) -> tuple[dict[str, dict[str, list[_Item]]], list[
             break
         try:
             content = _scan_zip(zp)
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise UserError(f"cannot read zip '{zp}': {_one_line(exc)}; fix or remove it from data.path") from None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            if zp == path:
+                raise UserError(f"data.path '{path}' is a file but not a readable zip ({_one_line(exc)}); "
+                                "pass a folder holding train/ and test/, or a zip of them") from None
+            raise UserError(f"zip '{zp}' is damaged ({_one_line(exc)}); download or extract it again, "
+                            "or remove it from data.path") from None
         for split, classes in content.items():
             if split in as_folder:
                 continue  # a folder wins over a zip
@@ -214,27 +221,39 @@ def _worker_init() -> None:
     _OPEN_ZIPS.clear()
 
 
+def _load_one(item: _Item, mode: str) -> np.ndarray:
+    """One image as ``uint8 [H, W, C]``; a damaged zip member or an undecodable file raises a
+    ValueError whose one-line message names it and the fix (pickles through the pool)."""
+    zpath, name = item
+    if zpath:
+        try:
+            zf = _OPEN_ZIPS.get(zpath)
+            if zf is None:
+                zf = _OPEN_ZIPS[zpath] = _ZipReader(zpath)
+            data: bytes | str = zf.read(name)
+        except Exception as exc:  # BadZipFile (CRC), zlib.error, EOFError, OSError ...
+            raise ValueError(f"zip '{zpath}' is damaged: member {name} cannot be read ({_one_line(exc)}); "
+                             "download or extract it again, or point data.path elsewhere") from None
+    else:
+        data = name
+    try:
+        return _decode_one(data, name, mode)
+    except Exception as exc:
+        label = f"{zpath}:{name}" if zpath else name
+        raise ValueError(f"cannot decode image {label} ({_one_line(exc)}); fix or remove that file") from None
+
+
 def _decode_chunk(args: tuple[list[_Item], str, tuple[int, int, int]]) -> np.ndarray:
     """Decode images of size ``shape`` (H, W, C) into ``uint8 [n, C, H, W]`` (runs in pool workers)."""
     items, mode, shape = args
     out = np.empty((len(items), shape[2], shape[0], shape[1]), dtype=np.uint8)
     for i, (zpath, name) in enumerate(items):
-        if zpath:
-            zf = _OPEN_ZIPS.get(zpath)
-            if zf is None:
-                zf = _OPEN_ZIPS[zpath] = _ZipReader(zpath)
-            data: bytes | str = zf.read(name)
-            label = f"{zpath}:{name}"
-        else:
-            data = name
-            label = name
-        try:
-            arr = _decode_one(data, name, mode)
-        except Exception as exc:
-            raise ValueError(f"cannot decode image {label}: {_one_line(exc)}") from None
+        arr = _load_one((zpath, name), mode)
+        label = f"{zpath}:{name}" if zpath else name
         if arr.shape != shape:
             raise ValueError(
-                f"image {label} is {arr.shape[1]}x{arr.shape[0]}, but the first image is {shape[1]}x{shape[0]}; all images must have one size"
+                f"image {label} is {arr.shape[1]}x{arr.shape[0]}, but the first image is {shape[1]}x{shape[0]}; "
+                "all images must have one size: resize or remove that file"
             )
         out[i] = arr.transpose(2, 0, 1)
     return out
@@ -281,15 +300,25 @@ def read_imagefolder(path: str | os.PathLike, channels: int = 3, workers: int = 
     have the size of the first one; ``channels`` 3 converts to RGB, 1 to
     grayscale (L). Decoding uses a pool of ``workers`` processes
     (in this process when ``workers <= 1`` or below ``_POOL_MIN_ITEMS`` images).
+    A tree that breaks any of this (or a damaged zip, an undecodable image) is one
+    UserError line naming the file.
 
     Returns ``(train, test, classes)`` with ``x`` as uint8 ``[N, C, H, W]``.
     """
-    path = Path(path)
     if channels not in (1, 3):  # data.channels is range-checked by ImageFolderConfig
         raise ValueError(f"read_imagefolder expects channels 1 or 3, got {channels}")
+    found, classes = _scan(Path(path))
+    return _decode(found, classes, channels, workers)
+
+
+def _scan(path: Path) -> tuple[dict[str, dict[str, list[_Item]]], list[str]]:
+    """The images of each split and class, and the classes, from file listings only (nothing decoded)."""
     if not path.exists():
         raise UserError(f"data.path '{path}' does not exist; pass data.path=DIR holding train/ and test/ folders or zips")
-    found, _ = _split_sources(path)
+    try:
+        found, _ = _split_sources(path)
+    except OSError as exc:  # an unreadable folder
+        raise UserError(f"cannot list data.path '{path}' ({_one_line(exc)}); make it readable or point data.path elsewhere") from None
     missing = [s for s in ("train", "test") if s not in found]
     if missing:
         got = ", ".join(f"{s} split" for s in found) or "no split"
@@ -306,19 +335,12 @@ def read_imagefolder(path: str | os.PathLike, channels: int = 3, workers: int = 
             f"data.path '{path}': train and test classes differ (only in train: {only_train[:5]}, only in test: {only_test[:5]}); "
             "give both splits the same class folders"
         )
-    mode = "RGB" if channels == 3 else "L"
-    # Decode the first train image alone to learn the common size.
-    zpath, name = found["train"][classes[0]][0]
-    try:
-        if zpath:
-            with zipfile.ZipFile(zpath) as zf:
-                arr = _decode_one(zf.read(name), name, mode)
-        else:
-            arr = _decode_one(name, name, mode)
-    except Exception as exc:
-        raise UserError(f"cannot decode image {zpath + ':' if zpath else ''}{name}: {_one_line(exc)}; fix or remove it") from None
-    shape = tuple(arr.shape)
+    return found, classes
 
+
+def _decode(found: dict[str, dict[str, list[_Item]]], classes: list[str], channels: int, workers: int) -> tuple[Split, Split, list[str]]:
+    """Decode the scanned tree (:func:`_scan`) into ``(train, test, classes)``."""
+    mode = "RGB" if channels == 3 else "L"
     # Both splits go through one pool (one start-up, one zip open per worker).
     items: list[_Item] = []
     labels: dict[str, list[int]] = {"train": [], "test": []}
@@ -327,9 +349,12 @@ def read_imagefolder(path: str | os.PathLike, channels: int = 3, workers: int = 
             items.extend(found[split][cls])
             labels[split].extend([k] * len(found[split][cls]))
     try:
+        shape = tuple(_load_one(items[0], mode).shape)  # the first train image alone gives the common size
         x = _decode_all(items, mode, shape, workers)  # [N, C, H, W]
     except ValueError as exc:
-        raise UserError(f"{_one_line(exc)}; fix or remove that file") from None
+        raise UserError(_one_line(exc)) from None
+    finally:
+        _close_zips()
     n_train = len(labels["train"])
     splits = []
     for split, part in (("train", x[:n_train]), ("test", x[n_train:])):
@@ -344,7 +369,8 @@ def read_imagefolder(path: str | os.PathLike, channels: int = 3, workers: int = 
 
 
 def load_imagefolder(cfg: ImageFolderConfig) -> Dataset:
-    """Read the cache when it matches the tree, else decode and write it."""
+    """Read the cache when it matches the tree, else list the tree, check ``val_size`` against
+    its train images (before any decoding), decode and write the cache."""
     if cfg.path is None or str(cfg.path).strip() in ("", "???"):
         raise UserError("data=imagefolder needs data.path=DIR holding train/ and test/ class folders (or zips of them)")
     path = Path(os.path.expanduser(str(cfg.path))).absolute()
@@ -354,12 +380,18 @@ def load_imagefolder(cfg: ImageFolderConfig) -> Dataset:
 
     cache_file = prefix = None
     if cfg.cache:
-        cache_file, prefix = cache_file_of(path, channels, cache_root(cfg.root))
-        cached = read_cache(cache_file)
+        try:
+            cache_file, prefix = cache_file_of(path, channels, cache_root(cfg.root))
+        except OSError:  # a file of the tree cannot be listed: _scan below names it
+            cache_file = None
+        cached = read_cache(cache_file) if cache_file is not None else None
         if cached is not None:
             return _finish(cfg, "imagefolder", *cached, _folder_source(path))
 
-    train, test, classes = read_imagefolder(path, channels=channels, workers=workers)
+    found, classes = _scan(path)
+    n_train = sum(len(items) for items in found["train"].values())
+    check_val_size(cfg, n_train, f"{n_train} train images under data.path '{path}'")
+    train, test, classes = _decode(found, classes, channels, workers)
     if cache_file is not None:
         write_cache(cache_file, prefix, train, test, classes)
     return _finish(cfg, "imagefolder", train, test, classes, _folder_source(path))
@@ -369,8 +401,11 @@ def _folder_source(path: Path) -> str:
     """The path, marked when its images are JPEG (lossy: accuracies run below the originals)."""
     names: list[str] = []
     for zpath in ([path] if path.is_file() else sorted(path.glob("*.zip"))):
-        with zipfile.ZipFile(zpath) as archive:
-            names += archive.namelist()[:20]
+        try:
+            with zipfile.ZipFile(zpath) as archive:
+                names += archive.namelist()[:20]
+        except (zipfile.BadZipFile, OSError):  # a stray zip beside folder splits: not read for images
+            pass
     if path.is_dir():
         names += [p.name for p, _ in zip(path.glob("*/*/*"), range(20))]
     lossy = any(name.lower().endswith((".jpg", ".jpeg")) for name in names)
