@@ -153,6 +153,8 @@ def register_configs() -> None:
     from meta_llr.registry import load_all, store
     from meta_llr.schedules import SCHEDULES
 
+    import hydra_plugins.meta_llr_sweeper  # noqa: F401  (hydra/sweeper=meta_llr, the config's default)
+
     load_all()  # controllers and models register themselves (and their plugins)
     store(None, "base_config", Config)
     for name, config in SOURCES.items():

@@ -418,6 +418,7 @@ class Run:
             records.write_layers(self.layer_rows)
             if not self.quiet:
                 print(_format_table(self.layer_rows))
+                print(f"augmentation: {self.augmentation()}")
         bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=self.quiet, unit="step",
                    desc=f"{self.cfg.controller.name}", dynamic_ncols=True, leave=True)
         total, eval_steps = self.plan.total_steps, self.eval_every_steps
@@ -490,6 +491,11 @@ class Run:
             print(f"{status}: test acc {summary['final_test_acc']} (best {summary['best_test_acc']}) "
                   f"after {self.step} steps, {summary['wall_s']:.1f} s -> {records.dir}")
         return summary
+
+    def augmentation(self) -> str:
+        """The training augmentation in words (data.augment)."""
+        parts = ([f"random crop (pad {self.crop_pad})"] if self.crop_pad else []) + (["horizontal flip"] if self.flip else [])
+        return " + ".join(parts) or "none"
 
     def close(self) -> None:
         """Release the run directory (``fit`` does so when it ends)."""

@@ -10,7 +10,6 @@ SIGUSR1 checkpoints, records ``interrupted`` and exits with 128 + the signal's n
 """
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from pathlib import Path
