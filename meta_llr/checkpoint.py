@@ -13,8 +13,8 @@ includes the run's resolved config) with ``checkpoint-<step>.pt.sha256`` beside 
   zero bytes, random bytes, a broken archive) before ``torch.load``; a damaged newest one is
   reported in one line and the one before it is used; none usable is one ``UserError`` line.
 * **The run its config says.** :func:`config_diff` lists the keys whose values differ
-  between the checkpoint's config and the resuming run's, except :data:`FREE_KEYS`, which
-  cannot change what is computed or recorded.
+  between the checkpoint's config and the resuming run's, except :data:`meta_llr.config.FREE_KEYS`,
+  which cannot change what is computed or recorded.
 """
 from __future__ import annotations
 
@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
+from meta_llr.config import FREE_KEYS
 from meta_llr.errors import UserError
 from meta_llr.records import fsync_dir, write_atomic
 
 KEEP = 2
 PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
-# Keys a resume may change: they affect neither the computation nor the records' content.
-FREE_KEYS = ("quiet", "logger", "wandb", "paths", "hydra", "device", "trainer.resume", "trainer.checkpoint")
 
 
 def path_for(run_dir: Path, step: int) -> Path:

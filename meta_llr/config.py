@@ -14,6 +14,8 @@ tests use it; Hydra's own ``@main`` composes the same tree.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
@@ -24,6 +26,9 @@ from meta_llr.errors import UserError, one_line_config_error
 from meta_llr.options import check_section, fail, opt
 
 GROUPS = ("controller", "model", "data", "schedule")
+# Keys that change neither what a run computes nor what it records (a resume may change them;
+# they do not name a different run).
+FREE_KEYS = ("quiet", "logger", "wandb", "paths", "hydra", "device", "trainer.resume", "trainer.checkpoint")
 
 
 @dataclass
@@ -140,6 +145,28 @@ class Config:
         if not str(self.study) or "/" in str(self.study):
             fail("study", self.study, "a non-empty name without '/'")
 
+
+def run_name(controller: str, model: str, data: str, seed, overrides: Iterable[str] = ()) -> str:
+    """A sweep job's directory name, a function of what it computes (Hydra's
+    ``hydra.sweep.subdir``, resolver ``meta_llr.run_name``): ``<controller>-<model>-<data>-s<seed>``,
+    then the other overrides that change the computation, sorted (``-trainer.lr=0.1``), or,
+    when they are long or not a safe file name, ``-h`` and 10 hex digits of their SHA-1.
+    Overrides of :data:`FREE_KEYS`, ``seed``, ``study`` and the group choices are left out."""
+    def names_the_run(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        return not (key in ("seed", "study", *GROUPS) or any(key == k or key.startswith(k + ".") for k in FREE_KEYS))
+
+    rest = sorted(o for o in map(str, overrides) if names_the_run(o))
+    name = f"{controller}-{model}-{data}-s{seed}"
+    if rest:
+        text = ",".join(rest)
+        readable = len(text) <= 80 and re.fullmatch(r"[A-Za-z0-9_.=,+~-]+", text)
+        name += "-" + (text if readable else "h" + hashlib.sha1(text.encode()).hexdigest()[:10])
+    return name
+
+
+OmegaConf.register_new_resolver(
+    "meta_llr.run_name", lambda c, m, d, s, overrides: run_name(c, m, d, s, list(overrides)), replace=True)
 
 _registered = False
 

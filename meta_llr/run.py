@@ -53,7 +53,9 @@ from meta_llr.registry import build_controller
 from meta_llr.schedules import lr_factors
 from meta_llr.records import CONFIG, ENV, METRICS, SUMMARY, RunRecords, environment, rows_csv
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # checkpoint, record ``interrupted``, exit
+# Checkpoint at the next step boundary, record ``interrupted``, exit 128+N. SIGUSR2 too when a
+# handler is installed for it before the run (submitit's), which is then called after the checkpoint.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Run:
@@ -482,9 +484,12 @@ class Run:
                 self.logger.finish(summary)
             finally:
                 records.close()
-        if self.status == "interrupted":
+        if self.status == "interrupted" and self.stop_signal is not None:
             print(f"interrupted by {self.error} at step {self.step}; resume with trainer.resume=auto "
                   f"and the same run directory ({records.dir})", file=sys.stderr)
+            previous = handlers.get(self.stop_signal)
+            if _chainable(previous):  # e.g. submitit's: requeue this job, which resumes from the checkpoint
+                previous(self.stop_signal, None)
             raise Interrupted(self.stop_signal)
         if not self.quiet:
             status = f"{summary['status']} ({self.reason})" if self.reason else summary["status"]
@@ -511,7 +516,10 @@ class Run:
 
         if threading.current_thread() is not threading.main_thread():
             return {}
-        return {number: signal.signal(number, on_signal) for number in SIGNALS}
+        numbers = list(SIGNALS)
+        if _chainable(signal.getsignal(signal.SIGUSR2)):  # submitit's preemption/timeout signal
+            numbers.append(signal.SIGUSR2)
+        return {number: signal.signal(number, on_signal) for number in numbers}
 
     def save_checkpoint(self, start: float) -> None:
         self.wall_before = time.perf_counter() - start
@@ -611,6 +619,12 @@ class Run:
             self.loss_logged = self.loss_flushed = self.step // self.log_every
 
 
+def _chainable(handler) -> bool:
+    """A Python signal handler someone installed before the run (submitit's), to be called
+    after the run's own checkpoint; not Python's default SIGINT handler."""
+    return callable(handler) and handler is not signal.default_int_handler
+
+
 def chance_accuracy(labels: torch.Tensor) -> float | None:
     """The test accuracy of always answering the test split's most frequent class: its
     majority-class frequency (``1 / num_classes`` on balanced data, more on imbalanced data).
@@ -684,7 +698,7 @@ def resume_if_asked(run: Run) -> dict | None:
       a run killed before its first checkpoint.
 
     The run there must be this one: a config differing in any key that changes the
-    computation (:data:`meta_llr.checkpoint.FREE_KEYS` excepted) is refused in one line
+    computation (:data:`meta_llr.config.FREE_KEYS` excepted) is refused in one line
     listing the keys. Every refusal releases the directory. Returns the summary of a run
     that is over, else None (then call ``run.fit()``)."""
     try:

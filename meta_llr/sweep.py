@@ -8,6 +8,11 @@ first's ``multirun.yaml``. meta_llr's sweeper (``hydra/sweeper=meta_llr``, the d
 * every job's overrides are composed and checked (:func:`meta_llr.config.compose`) before
   the batch is launched; a job with bad input is recorded as ``failed`` with its one-line
   error and not launched, and the others run;
+* grids are idempotent: a job's directory is a function of its overrides
+  (:func:`meta_llr.config.run_name`) and it runs with ``trainer.resume=auto`` unless the
+  command sets ``trainer.resume``; relaunching a sweep skips the jobs already finished or
+  diverged (not launched at all), resumes interrupted ones from their checkpoint and reruns
+  failed ones, and the summary says which was which;
 * a job that fails at run time (bad data, a crash) has recorded ``failed`` in its own
   ``summary.json`` (:func:`record_failure`); one that diverges, ``diverged``; the sweep goes
   on either way; a signal (``interrupted``) stops the sweep, as the user asked;
@@ -19,11 +24,13 @@ The launcher is unchanged (basic, joblib, submitit): they return each job's summ
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import Counter
 from pathlib import Path
 
+from meta_llr.config import run_name
 from meta_llr.errors import UserError
 from meta_llr.records import SUMMARY, DirLock, dumps, write_atomic
 
@@ -82,19 +89,30 @@ def sweep(sweeper, arguments: list[str]) -> list:
     rows, returns, job_index = [], [], 0
     try:
         while not sweeper.is_done():
-            batch, launch = sweeper.get_job_batch(), []
+            batch, launch, before = sweeper.get_job_batch(), [], []
             for job in batch:
+                job = list(job)
+                if not any(o.lstrip("+~").startswith("trainer.resume=") for o in job):
+                    job.append("trainer.resume=auto")
                 try:
-                    compose(job)
-                    launch.append(job)
+                    cfg = compose(job)
                 except UserError as error:
                     print(f"error: job {' '.join(job)}: {error}", file=sys.stderr)
-                    rows.append({"status": "failed", "overrides": list(job), "error": str(error), "run_dir": None})
+                    rows.append({"status": "failed", "overrides": job, "error": str(error), "run_dir": None, "before": "-"})
+                    continue
+                run_dir = sweep_dir / run_name(cfg.controller.name, cfg.model.name, cfg.data.name, cfg.seed, job)
+                state, summary = prior_state(run_dir)
+                if state == "done":
+                    rows.append({"status": summary["status"], "overrides": job, "error": summary.get("reason"),
+                                 "run_dir": str(run_dir), "before": "skipped (already over)"})
+                    continue
+                launch.append(job)
+                before.append(state)
             if launch:
                 results = sweeper.launcher.launch(launch, initial_job_idx=job_index)
                 returns.append(results)
-                for job, result in zip(launch, results):
-                    rows.append(_row(job, result))
+                for job, result, state in zip(launch, results, before):
+                    rows.append({**_row(job, result), "before": state})
             job_index += len(batch)
     except KeyboardInterrupt:  # meta_llr.errors.Interrupted: the user stopped the sweep
         rows.append({"status": "interrupted", "overrides": None, "error": "the sweep was stopped", "run_dir": None})
@@ -102,6 +120,25 @@ def sweep(sweeper, arguments: list[str]) -> list:
     finally:
         _report(rows, sweep_dir, number)
     return returns
+
+
+def prior_state(run_dir: Path) -> tuple[str, dict | None]:
+    """What a relaunch finds in a job's directory: ``new``, ``done`` (finished or diverged),
+    ``resumed`` (interrupted, or checkpoints without a summary) or ``rerun`` (failed)."""
+    from meta_llr import checkpoint
+
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
+    except (OSError, ValueError):
+        summary = None
+    status = (summary or {}).get("status")
+    if status in ("finished", "diverged"):
+        return "done", summary
+    if status == "failed":
+        return "rerun", summary
+    if status == "interrupted" or checkpoint.checkpoints(run_dir):
+        return "resumed", summary
+    return ("rerun" if run_dir.exists() and any(run_dir.glob("*.jsonl")) else "new"), summary
 
 
 def _row(job, result) -> dict:
@@ -123,12 +160,15 @@ def _report(rows: list[dict], sweep_dir: Path, number: int) -> None:
     path = sweep_dir / f"multirun-{number}-summary.json"
     write_atomic(path, dumps({"counts": dict(last_counts), "jobs": rows}, indent=2) + "\n")
     counts = ", ".join(f"{last_counts[s]} {s}" for s in STATUSES if last_counts[s])
-    lines = [f"sweep {number} in {sweep_dir}: {len(rows)} jobs: {counts or 'none'}"]
+    befores = Counter(row["before"] for row in rows if row["before"] != "-")
+    lines = [f"sweep {number} in {sweep_dir}: {len(rows)} jobs: {counts or 'none'}"
+             + (f" ({', '.join(f'{n} {b}' for b, n in sorted(befores.items()))})" if befores else "")]
     shown = [row for row in rows if row["status"] != "finished"] + [row for row in rows if row["status"] == "finished"]
     for row in shown[:SHOWN]:
         where = row["run_dir"] or " ".join(row["overrides"] or [])
         note = f"  ({row['error']})" if row["error"] and row["status"] != "finished" else ""
-        lines.append(f"  {row['status']:<11} {where}{note}")
+        before = f" [{row['before']}]" if row["before"] not in ("new", "-") else ""
+        lines.append(f"  {row['status']:<11} {where}{before}{note}")
     if len(shown) > SHOWN:
         lines.append(f"  ... and {len(shown) - SHOWN} more: {path}")
     print("\n".join(lines), file=sys.stderr)

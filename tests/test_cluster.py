@@ -1,0 +1,132 @@
+"""Beyond one machine: idempotent sweep directories, relaunches that skip, resume and rerun,
+the launchers after the plain install, and a submitit job preempted mid-run that requeues
+itself and ends bit for bit equal to an uninterrupted run."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from meta_llr.config import compose, run_name
+from meta_llr.faults import differences
+from meta_llr.run import train
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_name_is_a_function_of_what_the_run_computes():
+    base = run_name("uniform", "mlp", "digits", 3, [])
+    assert base == "uniform-mlp-digits-s3"
+    # Order, and keys that change nothing computed, do not change the name.
+    a = run_name("uniform", "mlp", "digits", 3, ["trainer.lr=0.1", "trainer.epochs=2", "quiet=true", "seed=3",
+                                                "controller=uniform", "trainer.resume=auto", "paths.root=x",
+                                                "study=s", "device=cpu", "wandb.project=p"])
+    b = run_name("uniform", "mlp", "digits", 3, ["trainer.epochs=2", "trainer.lr=0.1"])
+    assert a == b == "uniform-mlp-digits-s3-trainer.epochs=2,trainer.lr=0.1"
+    assert run_name("uniform", "mlp", "digits", 3, ["trainer.lr=0.2"]) != run_name("uniform", "mlp", "digits", 3, ["trainer.lr=0.1"])
+    assert run_name("depth_linear", "mlp", "digits", 3, ["controller.first=2"]).endswith("-controller.first=2")
+    long = run_name("uniform", "mlp", "digits", 0, [f"controller.x{i}=1" for i in range(20)])
+    slash = run_name("uniform", "mlp", "digits", 0, ["data.path=/a/b"])
+    for name in (long, slash):
+        assert "/" not in name and len(name) < 60 and name.split("-")[-1].startswith("h")
+
+
+def command(*argv, env=None, timeout=240):
+    return subprocess.run([sys.executable, "-m", "meta_llr.train", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", **(env or {})})
+
+
+def test_relaunched_sweep_skips_finished_and_reruns_failed(tmp_path):
+    argv = ["-m", *TINY, "layers.groups=0,1000", f"paths.root={tmp_path}", "study=s", "hydra/job_logging=disabled"]
+    first = command(*argv)
+    assert first.returncode == 1, first.stderr
+    jobs = {Path(r["run_dir"]).name: r for r in json.loads((tmp_path / "s/multirun-1-summary.json").read_text())["jobs"]}
+    assert sorted(r["status"] for r in jobs.values()) == ["failed", "finished"]
+    finished = [n for n, r in jobs.items() if r["status"] == "finished"]
+    assert finished[0].startswith("uniform-mlp-synthetic-s0-h") and len(jobs) == 2  # long overrides: hashed
+    mtime = (tmp_path / "s" / finished[0] / "summary.json").stat().st_mtime_ns
+    second = command(*argv)
+    rows = json.loads((tmp_path / "s/multirun-2-summary.json").read_text())["jobs"]
+    before = {Path(r["run_dir"]).name: r["before"] for r in rows}
+    assert before[finished[0]] == "skipped (already over)" and "rerun" in before.values()
+    assert (tmp_path / "s" / finished[0] / "summary.json").stat().st_mtime_ns == mtime  # not launched again
+    assert (tmp_path / "s/multirun-1.yaml").is_file() and (tmp_path / "s/multirun-2.yaml").is_file()
+    assert second.returncode == 1 and "1 rerun, 1 skipped (already over)" in second.stderr, second.stderr[-800:]
+
+
+def hydra_config(*overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from meta_llr.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(version_base="1.3", config_module="meta_llr.conf"):
+            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True).hydra
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_launchers_and_the_slurm_preset_compose_after_the_plain_install():
+    targets = {launcher: hydra_config(f"hydra/launcher={launcher}").launcher._target_
+               for launcher in ("joblib", "submitit_local", "submitit_slurm", "slurm")}
+    assert targets["slurm"].endswith("SlurmLauncher") and targets["joblib"].endswith("JoblibLauncher"), targets
+    launcher = hydra_config("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30",
+                            "+hydra.launcher.additional_parameters.constraint=a100").launcher
+    assert (launcher.partition, launcher.timeout_min, launcher.max_num_timeout) == ("gpu", 30, 20)
+    assert launcher.additional_parameters == {"constraint": "a100"} and launcher.signal_delay_s == 120
+
+
+# A hook for the job process only (through PYTHONPATH, never in the library): hold the run at
+# step HOLD_AT until a signal has reached it, so the preemption lands mid-run, deterministically.
+SITECUSTOMIZE = textwrap.dedent("""
+    import os, time
+    if os.environ.get("META_LLR_TEST_HOLD_AT"):
+        from meta_llr.run import Run
+        step, at = Run.train_step, int(os.environ["META_LLR_TEST_HOLD_AT"])
+        def train_step(self, x, y):
+            step(self, x, y)
+            if self.step == at and not self.resumes:
+                open(os.environ["META_LLR_TEST_READY"], "w").close()
+                deadline = time.time() + 120
+                while self.stop_signal is None and time.time() < deadline:
+                    time.sleep(0.02)
+        Run.train_step = train_step
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="submitit's local executor and signals")
+def test_preempted_submitit_job_requeues_and_ends_bit_for_bit(tmp_path):
+    overrides = ["data=digits", "model=mlp", "model.hidden=16", "trainer.epochs=2", "trainer.batch_size=256",
+                 "quiet=true", "device=cpu"]
+    reference = tmp_path / "reference"
+    train(compose(overrides), reference)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    ready = tmp_path / "ready"
+    env = {"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "META_LLR_TEST_HOLD_AT": "8", "META_LLR_TEST_READY": str(ready)}
+    sweep = subprocess.Popen([sys.executable, "-m", "meta_llr.train", "-m", "hydra/launcher=submitit_local",
+                              *overrides, f"paths.root={tmp_path}", "study=s", "seed=0"],
+                             cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", **env},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not ready.exists() and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.05)
+    assert ready.exists(), sweep.communicate()[1][-2000:]
+    run_dir = next((tmp_path / "s").glob("uniform-mlp-digits-s0-*"))
+    os.kill(int((run_dir / ".lock").read_text()), 12)  # SIGUSR2: SLURM's warning before preemption/time limit
+    _, err = sweep.communicate(timeout=240)
+    assert sweep.returncode == 0, err[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["resumes"][0]["from_step"] == 8, summary.get("resumes")
+    assert differences(run_dir, reference) == []
