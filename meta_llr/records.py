@@ -149,8 +149,18 @@ class DirLock:
 class RunRecords:
     """Writes one run's record files into ``out_dir``, holding its lock until :meth:`close`."""
 
-    def __init__(self, out_dir: str | os.PathLike):
+    def __init__(self, out_dir: str | os.PathLike, write: bool = True):
+        """``write=False`` (ranks other than 0 of a torchrun run): rows are kept in memory only;
+        nothing is written or locked."""
         self.dir = Path(out_dir)
+        self.write = write
+        self.metrics: list[dict] = []
+        self.trace_rows: list[list] = []
+        self.trace_header: list[str] = []
+        self.train_loss_rows: list[list] = []
+        self.lock = None
+        if not write:
+            return
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.lock = DirLock(self.dir)
@@ -159,16 +169,13 @@ class RunRecords:
                             f"choose a writable directory (hydra.run.dir=... or out_dir=...)") from None
         for stale in self.dir.glob(".*.tmp"):  # left by a kill during a write; ours, as we hold the lock
             stale.unlink(missing_ok=True)
-        self.metrics: list[dict] = []
-        self.trace_rows: list[list] = []
-        self.trace_header: list[str] = []
-        self.train_loss_rows: list[list] = []
 
     def write_json(self, name: str, obj: Mapping) -> None:
-        write_atomic(self.dir / name, dumps(obj, indent=2) + "\n")
+        self.write_text(name, dumps(obj, indent=2) + "\n")
 
     def write_text(self, name: str, text: str) -> None:
-        write_atomic(self.dir / name, text)
+        if self.write:
+            write_atomic(self.dir / name, text)
 
     def write_layers(self, rows: list[dict]) -> None:
         header = list(rows[0])
@@ -195,10 +202,12 @@ class RunRecords:
         if self.trace_header:
             self.write_text(TRACE, csv_text(self.trace_header, self.trace_rows))
         self.write_text(TRAIN_LOSS, csv_text(TRAIN_LOSS_HEADER, self.train_loss_rows))
-        (self.dir / SUMMARY).unlink(missing_ok=True)
+        if self.write:
+            (self.dir / SUMMARY).unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def state_dict(self) -> dict:
         return {"metrics": list(self.metrics), "trace_rows": list(self.trace_rows),

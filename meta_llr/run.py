@@ -42,10 +42,11 @@ from torch import nn
 from meta_llr import checkpoint
 from meta_llr.data import Dataset, augment, load_data
 from meta_llr.diagnostics import LAYER_STATS, Diagnostics
+from meta_llr.distributed import SINGLE, Distributed, setup
 from meta_llr.errors import Interrupted, UserError
 from meta_llr.interface import STATS, Controller, Lookahead, OptimizerSpec, Plan
 from meta_llr.layers import group_layers, layer_table, trace_layers
-from meta_llr.loggers import make_logger
+from meta_llr.loggers import Logger, make_logger
 from meta_llr.models import build_model
 from meta_llr.optim import FusedStep, layer_optimizer, link_group_lrs
 from meta_llr.per_layer import PerLayer
@@ -62,12 +63,14 @@ class Run:
     """One training run; everything it needs to continue is in ``state_dict()``."""
 
     def __init__(self, cfg: DictConfig, out_dir: str | Path, *, data: Dataset, model: nn.Module,
-                 controller: Controller, device: torch.device):
-        """Use :func:`build_run`; this takes the parts already built (``cfg`` checked)."""
+                 controller: Controller, device: torch.device, dist: Distributed = SINGLE):
+        """Use :func:`build_run`; this takes the parts already built (``cfg`` checked). Under
+        ``torchrun``, ``dist`` is this rank (:mod:`meta_llr.distributed`)."""
         self.cfg = cfg
         t = cfg.trainer
         self.device = device
-        self.quiet = bool(cfg.quiet)
+        self.dist = dist
+        self.quiet = bool(cfg.quiet) or not dist.main
 
         # Data: the whole dataset lives on the device as uint8.
         self.data_name, self.synthetic, self.data_source = data.name, data.synthetic, data.source
@@ -120,6 +123,12 @@ class Run:
         self.observes = "observe" in hooks
         self.controls_trainable = "trainable" in hooks
         self.transforms = "transform_update" in hooks
+        if dist.active:  # gradients averaged across ranks; frozen layers leave parameters unused
+            from torch.nn.parallel import DistributedDataParallel
+
+            ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=self.controls_trainable)
+            self.forward = torch.compile(ddp) if t.compile else ddp
 
         # Optimizer: per layer, one group (or one for >=2-D tensors and one for 1-D tensors),
         # each with its LR a 0-d view into group_lrs[kind, layer].
@@ -156,7 +165,9 @@ class Run:
         self.best = {}
         self.wall_before = 0.0
         self.status, self.error, self.reason = "running", None, None
-        self.stop_signal: int | None = None  # set by a signal handler, read at step boundaries
+        self.stop_signal: int | None = None  # set by a signal handler
+        self.stopping = False  # the decision to stop, taken at step boundaries (all ranks agree)
+        self.global_batch = 0  # images in this step's batch across ranks
         self.resumes: list[dict] = []  # where this run was resumed from, for the summary
         self.trace_every = int(cfg.trainer.trace_every or max(1, total // 200))
         self.trace = torch.zeros(math.ceil(total / self.trace_every), num_layers, device=device)
@@ -174,8 +185,8 @@ class Run:
         self.label_smoothing = float(t.label_smoothing)
         self.eval_every = int(t.eval_every)
         self.eval_batch = int(t.eval_batch_size)
-        self.records = RunRecords(out_dir)
-        self.logger = make_logger(cfg, self.records.dir)
+        self.records = RunRecords(out_dir, write=dist.main)
+        self.logger = make_logger(cfg, self.records.dir) if dist.main else Logger()
 
     # ------------------------------------------------------------------ building blocks
     def _by_layer(self, flat: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -238,6 +249,10 @@ class Run:
             loss = self._loss_fn(out, y)
         if any(self.trainable):
             loss.backward()
+        if self.dist.active:  # the global batch's loss and count on every rank, on the device
+            totals = torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum().float()])
+            loss_sum, correct = self.dist.sum_(totals).unbind()
+            loss = loss_sum / self.global_batch
 
         global_lr = self.plan.lr_table[step]
         probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
@@ -259,6 +274,8 @@ class Run:
                     stats["grad_dot_prev_update"] = -self.per_layer.total(self.prev)
         controller.stats = stats
         scales = controller.scales(step)  # after backward: p.grad is this step's gradient
+        if self.dist.active:  # every rank applies rank 0's scales (a copy: the controller's tensor stays its own)
+            scales = self.dist.broadcast_(scales.clone())
 
         with torch.no_grad():  # the update: outside autograd
             if self.scale_1d:
@@ -288,9 +305,13 @@ class Run:
             for p in self.params:
                 p.grad = None
 
-            self.loss_sum.add_(loss.detach(), alpha=len(y))
-            self.correct.add_((out.argmax(1) == y).sum())
-            self.seen += len(y)
+            if self.dist.active:
+                self.loss_sum.add_(loss_sum)
+                self.correct.add_(correct.long())
+            else:
+                self.loss_sum.add_(loss.detach(), alpha=len(y))
+                self.correct.add_((out.argmax(1) == y).sum())
+            self.seen += self.global_batch
         self.step += 1
 
     # ------------------------------------------------------------------ epochs
@@ -301,9 +322,10 @@ class Run:
             self.order = torch.randperm(n, generator=self.gen, device=self.device)
         while self.position < self.steps_per_epoch:
             index = self.order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
-            x = augment(self.train_x[index], self.crop_pad, self.flip, self.gen)
+            x = augment(self.train_x[index], self.crop_pad, self.flip, self.gen)  # all ranks: same draws
             self.position += 1
-            yield x, self.train_y[index]
+            self.global_batch = len(index)
+            yield self.dist.shard(x), self.dist.shard(self.train_y[index])
         self.order, self.position = None, 0
 
     def log_interval(self) -> torch.Tensor:
@@ -331,6 +353,8 @@ class Run:
     @torch.no_grad()
     def evaluate(self, split: str) -> tuple[float, float]:
         x_all, y_all = self.eval_splits[split]
+        n = len(y_all)
+        x_all, y_all = self.dist.shard(x_all), self.dist.shard(y_all)
         self.model.eval()
         loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -341,8 +365,10 @@ class Run:
             loss += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
         self.model.train()
-        n = len(y_all)
-        return loss.item() / n, correct.item() / n
+        if self.dist.active:
+            loss, correct = self.dist.sum_(torch.stack([loss, correct.float()])).unbind()
+        loss, correct = torch.stack([loss, correct.float()]).tolist()
+        return loss / n, correct / n
 
     def log_evaluation(self, wall: float) -> dict:
         """Evaluate and write the records. At an epoch's end ``epoch`` is the epoch count (an
@@ -414,9 +440,10 @@ class Run:
 
         start = time.perf_counter() - self.wall_before
         records = self.records
+        self.dist.barrier()  # every rank has decided how to resume before rank 0 writes
         if self.step == 0:
             records.write_text(CONFIG, OmegaConf.to_yaml(self.cfg, resolve=True))
-            records.write_json(ENV, environment(self.device))
+            records.write_json(ENV, {**environment(self.device), "world_size": self.dist.world_size})
             records.write_layers(self.layer_rows)
             if not self.quiet:
                 print(_format_table(self.layer_rows))
@@ -426,7 +453,7 @@ class Run:
         total, eval_steps = self.plan.total_steps, self.eval_every_steps
         handlers = self._catch_signals()
         try:
-            while self.epoch < self.epochs and self.status == "running" and self.stop_signal is None:
+            while self.epoch < self.epochs and self.status == "running" and not self.stopping:
                 log_point = False
                 for x, y in self.batches():
                     self.train_step(x, y)
@@ -441,9 +468,9 @@ class Run:
                         row = self.log_evaluation(time.perf_counter() - start)  # inside the epoch
                         bar.set_postfix(epoch=row["epoch"], loss=_short(row["train_loss"]),
                                         test_acc=_short(row["test_acc"], 4))
-                    if self.stop_signal is not None:  # checked between steps: the state is whole
+                    if self.decide_stop(log_point):  # between steps: the state is whole
                         break
-                if self.status != "running" or self.stop_signal is not None:
+                if self.status != "running" or self.stopping:
                     break
                 self.epoch += 1
                 if not log_point:  # the last step was not just checked
@@ -521,9 +548,22 @@ class Run:
             numbers.append(signal.SIGUSR2)
         return {number: signal.signal(number, on_signal) for number in numbers}
 
+    def decide_stop(self, log_point: bool) -> bool:
+        """Stop now? After a signal: at this step boundary; under torchrun, at the next log
+        point, where the ranks agree (one all-reduce there, none in between)."""
+        if self.dist.active:
+            if log_point:
+                agreed = self.dist.max_(torch.tensor([self.stop_signal or 0], device=self.device))
+                self.stop_signal = int(agreed.item()) or None
+                self.stopping = self.stop_signal is not None
+        else:
+            self.stopping = self.stop_signal is not None
+        return self.stopping
+
     def save_checkpoint(self, start: float) -> None:
         self.wall_before = time.perf_counter() - start
-        checkpoint.save(self.state_dict(), self.records.dir, self.step)
+        if self.dist.main:
+            checkpoint.save(self.state_dict(), self.records.dir, self.step)
 
     def summary(self, wall: float) -> dict:
         last = self.records.metrics[-1] if self.records.metrics else {}
@@ -545,6 +585,7 @@ class Run:
             "data_source": self.data_source,
             "seed": int(self.cfg.seed),
             "study": self.cfg.study,
+            "world_size": self.dist.world_size,
             "layers": [layer.name for layer in self.layers],
         }
         if "val" in self.eval_splits:
@@ -661,7 +702,8 @@ def build_run(cfg: DictConfig, out_dir: str | Path, *, model: nn.Module | None =
     always (``model: {name: <class>, passed_in: true}``), data or a controller when its name
     differs from the config's (the same name keeps the config's description of it)."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # ours to edit: records name passed parts
-    device = pick_device(cfg.device)
+    dist, device_name = setup(cfg.device)
+    device = pick_device(device_name)
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_data(cfg.data)
@@ -679,7 +721,7 @@ def build_run(cfg: DictConfig, out_dir: str | Path, *, model: nn.Module | None =
         controller = build_controller(cfg.controller)
     elif getattr(controller, "registry_name", None) != cfg.controller.name:
         cfg.controller = {"name": getattr(controller, "registry_name", type(controller).__name__), "passed_in": True}
-    return Run(cfg, out_dir, data=data, model=model, controller=controller, device=device)
+    return Run(cfg, out_dir, data=data, model=model, controller=controller, device=device, dist=dist)
 
 
 def resume_mode(cfg: DictConfig) -> str:

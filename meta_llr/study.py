@@ -189,7 +189,11 @@ def study_dir(study: dict, root: str | None) -> Path:
     return Path(root or study.get("root") or "runs") / study["name"]
 
 
-def arm_command(study: dict, label: str, seeds, out: Path, launcher: str | None, extra: list[str]) -> list[str]:
+def arm_command(study: dict, label: str, seeds, out: Path, launcher: str | None, extra: list[str],
+                fresh: bool = False) -> list[str]:
+    """The multirun of one arm. Each run's directory is ``<arm>-s<seed>`` (relaunching resumes
+    or skips it: meta_llr's sweeper runs jobs with ``trainer.resume=auto``); ``fresh`` adds a
+    timestamp, so ``--force`` writes new runs beside the old ones."""
     grid, arm = study["grid"], study["arms"][label]
     command = [sys.executable, "-m", "meta_llr.train", "-m", f"+arm={label}", f"controller={arm['name']}",
                f"model={grid['model']}", f"data={grid['data']}", f"trainer.epochs={grid['epochs']}"]
@@ -198,7 +202,7 @@ def arm_command(study: dict, label: str, seeds, out: Path, launcher: str | None,
     command += _overrides(grid.get("overrides")) + arm["overrides"]
     command += [f"seed={','.join(str(s) for s in seeds)}", f"study={study['name']}", "quiet=true",
                 f"hydra.sweep.dir={out}",
-                "hydra.sweep.subdir=${arm}-s${seed}-${now:%Y%m%d-%H%M%S}-${hydra.job.num}"]
+                "hydra.sweep.subdir=${arm}-s${seed}" + ("-${now:%Y%m%d-%H%M%S}" if fresh else "")]
     if launcher:
         command.append(f"hydra/launcher={launcher}")
     return command + list(extra)
@@ -226,7 +230,7 @@ def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_
     for label in study["arms"]:
         seeds = [s for s in study["grid"]["seeds"] if (label, int(s)) not in done]
         if seeds:
-            commands.append(arm_command(study, label, seeds, out, launcher, list(extra)))
+            commands.append(arm_command(study, label, seeds, out, launcher, list(extra), fresh=force))
     for command in commands:
         print("python " + shlex.join(command[1:]), flush=True)
         if not dry_run:
