@@ -3,7 +3,9 @@
 ``logger=[csv]`` (default): the run records only. ``logger=[csv,wandb]`` also logs to
 Weights & Biases (config node ``wandb:``), at evaluation points only, never inside a step:
 
-* the fully resolved config; the run's name is the run directory's name; the group is the
+* the fully resolved config; the run's name is the run directory's name and its id a hash
+  of the directory's path (``resume="allow"``: a resumed or requeued run continues the same
+  W&B run); the group is the
   study (``wandb.group``), the job type the controller (``wandb.job_type``), so W&B's run
   table groups runs by study and then by controller, pooling seeds, with no manual set-up;
 * per evaluation: ``epoch``, ``step``, ``train_loss``, ``train_acc``, ``test_loss``,
@@ -28,6 +30,7 @@ once and the run continues with the csv records only.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import netrc
 import os
@@ -102,6 +105,9 @@ class WandbLogger(Logger):
             job_type=options.get("job_type") or str(cfg.controller.name),
             tags=list(options.get("tags") or [cfg.controller.name, cfg.model.name, cfg.data.name]),
             name=Path(out_dir).name,
+            # One W&B run per run directory: a resumed or requeued run continues the same one.
+            id=hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:16],
+            resume="allow",
             dir=str(wandb_dir),
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",  # multirun jobs in one process: never reuse the last run

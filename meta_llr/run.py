@@ -52,7 +52,7 @@ from meta_llr.optim import FusedStep, layer_optimizer, link_group_lrs
 from meta_llr.per_layer import PerLayer
 from meta_llr.registry import build_controller
 from meta_llr.schedules import lr_factors
-from meta_llr.records import CONFIG, ENV, METRICS, SUMMARY, RunRecords, environment, rows_csv
+from meta_llr.records import CONFIG, ENV, LAYERS, METRICS, SUMMARY, RunRecords, environment, rows_csv
 
 # Checkpoint at the next step boundary, record ``interrupted``, exit 128+N. SIGUSR2 too when a
 # handler is installed for it before the run (submitit's), which is then called after the checkpoint.
@@ -445,6 +445,7 @@ class Run:
             records.write_text(CONFIG, OmegaConf.to_yaml(self.cfg, resolve=True))
             records.write_json(ENV, {**environment(self.device), "world_size": self.dist.world_size})
             records.write_layers(self.layer_rows)
+            records.write_text(METRICS, "")  # present from the start, even if no evaluation comes
             if not self.quiet:
                 print(_format_table(self.layer_rows))
                 print(f"augmentation: {self.augmentation()}")
@@ -784,13 +785,27 @@ def _resume(run: Run) -> dict | None:
             raise UserError(f"trainer.resume=true but {directory} has no checkpoint (the run stopped before "
                             f"its first); trainer.resume=auto starts it over")
         refuse_if_changed(saved_config, CONFIG)
+        if run.dist.main:  # the old attempt's tables (llr.csv, layer_stats.csv, a controller's) go too
+            for stale in directory.glob("*.csv"):
+                if stale.name != LAYERS:
+                    stale.unlink()
         run.records.rewrite()
         return None
     state, path, damaged = loaded
     refuse_if_changed(state.get("config", saved_config), path.name)
     run.load_state_dict(state)
     run.resumes.append({"from_step": run.step, "checkpoint": path.name, **({"damaged": damaged} if damaged else {})})
+    if run.dist.main:  # damaged newer checkpoints leave the rotation (kept for a look), so two intact remain
+        for newer in checkpoint.checkpoints(directory):
+            if newer == path:
+                break
+            newer.rename(newer.with_name(newer.name + ".damaged"))
+            checkpoint.digest_path(newer).unlink(missing_ok=True)
     run.records.rewrite()
+    if run.records.metrics:  # tables written at evaluations, as of the checkpoint's last one
+        run.records.write_text(LAYER_STATS, run.diagnostics.csv())
+        for name, rows in run.controller.records().items():
+            run.records.write_text(f"{name}.csv", rows_csv(rows))
     return None
 
 

@@ -1,5 +1,6 @@
 """W&B logger: an offline run's transaction log holds the config, history and summary keys."""
 import csv
+import hashlib
 import json
 import struct
 import time
@@ -76,6 +77,8 @@ def test_offline_run_records_metrics_trace_and_summary(tiny_run, tmp_path, monke
     history, wb_summary, run = offline_run(tmp_path)
 
     assert run.display_name == "wb-run" and run.run_group == "wbtest" and run.job_type == "uniform"
+    # One W&B run per run directory: the id is the directory's, so a resume continues it.
+    assert run.run_id == hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
     config = {i.key: json.loads(i.value_json) for i in run.config.update}
     assert config["trainer"]["epochs"] == 2 and config["controller"] == {"name": "uniform"}
 
