@@ -285,7 +285,7 @@ class HessianSecant(Controller):
         torch._foreach_sub_(u, self.current)  # θ(t) − θ(t+1) = −u(t): c is even in u
         uu = self.per_layer.sum_sq(u)
         ww = self.per_layer.sum_sq(self.current)
-        value = self._diagonal_blocks(stats["loss_at"], u).float() / uu
+        value = self.plan.reduce(self._diagonal_blocks(stats["loss_at"], u).float()) / uu  # torchrun: all shards
         valid = torch.isfinite(value) & (uu > 0) & (uu >= self.min_update_ratio ** 2 * ww)
         if self.blocks == "exact":
             valid &= value > 0

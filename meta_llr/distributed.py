@@ -13,7 +13,11 @@ loop (``meta_llr/run.py``) then keeps these invariants, so every rank computes t
   sync), so records, divergence checks and the ``loss`` statistic are the global batch's on
   every rank;
 * the per-layer scales are broadcast from rank 0 each step (on the device), so every rank
-  applies identical per-layer LRs whatever the controller computed locally;
+  applies identical per-layer LRs whatever the controller computed locally; a controller that
+  computes on this rank's shard beyond the statistics (``loss_at``: ``hessian_secant``'s
+  Hessian-vector products) averages its result over ranks with ``Plan.reduce``, so it measures
+  the global batch; the lookahead's batches come from one generator seeded alike on every
+  rank, so it computes the same on all;
 * evaluation is sharded and its sums all-reduced; a stop signal is agreed on at log points;
 * only rank 0 writes records, checkpoints and logs; every rank resumes from rank 0's
   checkpoint, and all have looked at the run directory before rank 0 writes to it (a
@@ -53,6 +57,10 @@ class Distributed:
         if self.active:
             dist.all_reduce(tensor)
         return tensor
+
+    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks, in place (``Plan.reduce`` under torchrun)."""
+        return self.sum_(tensor).div_(self.world_size)
 
     def max_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.active:

@@ -161,6 +161,9 @@ class Plan:
     lr_table: torch.Tensor      # [total_steps] float32 on device: global_lr(step)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     lookahead: Lookahead | None = None  # what a lookahead controller may use of the run
+    # The mean over data-parallel ranks (torchrun) of a quantity each rank computed from its own
+    # shard (e.g. from ``loss_at``), in place on the device, no host sync; identity in one process.
+    reduce: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda tensor: tensor)
 
     def global_lr(self, step: int) -> torch.Tensor:
         """0-d device tensor, the global LR at ``step`` (a view: no copy, no sync)."""

@@ -108,7 +108,8 @@ class Run:
                                                  nesterov=bool(t.nesterov and t.momentum > 0),
                                                  betas=tuple(float(b) for b in t.betas),
                                                  weight_decay=float(t.weight_decay), decay_1d=bool(t.decay_1d)),
-                         lookahead=Lookahead(self.model, self._loss_fn, self._sample_batches))
+                         lookahead=Lookahead(self.model, self._loss_fn, self._sample_batches),
+                         **({"reduce": dist.mean_} if dist.active else {}))
         self.lookahead_gen = torch.Generator(device=device)
         self.lookahead_gen.manual_seed(int(cfg.seed) + 1)  # its own stream: the training order is unchanged
         self.lr_host = lr_table.cpu()
@@ -802,10 +803,8 @@ def _resume(run: Run) -> dict | None:
             newer.rename(newer.with_name(newer.name + ".damaged"))
             checkpoint.digest_path(newer).unlink(missing_ok=True)
     run.records.rewrite()
-    if run.records.metrics:  # tables written at evaluations, as of the checkpoint's last one
+    if run.records.metrics:  # as of the checkpoint's last evaluation (a controller's tables: at the next)
         run.records.write_text(LAYER_STATS, run.diagnostics.csv())
-        for name, rows in run.controller.records().items():
-            run.records.write_text(f"{name}.csv", rows_csv(rows))
     return None
 
 
