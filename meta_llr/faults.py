@@ -358,7 +358,7 @@ def command_cases(root: Path) -> list[tuple[str, list[str]]]:
     return [("malformed override", ["trainer.lr=[1,"]), ("override without a key", ["=3"]),
             ("run dir is a file", [f"hydra.run.dir={a_file}"]),
             ("run dir under a file", [f"hydra.run.dir={a_file}/run"]),
-            ("unknown controller", ["controller=nope"]),
+            ("unknown controller", ["controller=nope"]), ("-m with --cfg", ["-m", "seed=0,1", "--cfg", "job"]),
             ("resume=true with nothing to resume", [*TINY, f"hydra.run.dir={held}", "trainer.resume=true"])]
 
 

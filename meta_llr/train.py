@@ -65,6 +65,9 @@ def check_argv(argv: list[str]) -> None:
     config and its run directory; a multirun: the override grammar (jobs: the sweeper)."""
     from meta_llr.config import compose
 
+    modes = [a for a in argv if a in ("-m", "--multirun", "--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info="))]
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(modes)} cannot be combined; give one of them")
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
            or a.startswith(("--cfg=", "--info=")) for a in argv):
         return

@@ -85,8 +85,9 @@ def test_launchers_and_the_slurm_preset_compose_after_the_plain_install():
     assert launcher.additional_parameters == {"constraint": "a100"} and launcher.signal_delay_s == 120
 
 
-# A hook for the job process only (through PYTHONPATH, never in the library): hold the run at
-# step HOLD_AT until a signal has reached it, so the preemption lands mid-run, deterministically.
+# A hook for the job processes only (through PYTHONPATH, never in the library): hold the run of
+# controller HOLD_CONTROLLER, seed 1, at step HOLD_AT until a signal has reached it, so the
+# preemption lands mid-run, deterministically.
 SITECUSTOMIZE = textwrap.dedent("""
     import os, time
     if os.environ.get("META_LLR_TEST_HOLD_AT"):
@@ -94,7 +95,8 @@ SITECUSTOMIZE = textwrap.dedent("""
         step, at = Run.train_step, int(os.environ["META_LLR_TEST_HOLD_AT"])
         def train_step(self, x, y):
             step(self, x, y)
-            if self.step == at and not self.resumes:
+            held = self.cfg.controller.name == os.environ["META_LLR_TEST_HOLD_CONTROLLER"] and self.cfg.seed == 1
+            if held and self.step == at and not self.resumes:
                 open(os.environ["META_LLR_TEST_READY"], "w").close()
                 deadline = time.time() + 120
                 while self.stop_signal is None and time.time() < deadline:
@@ -104,29 +106,37 @@ SITECUSTOMIZE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="submitit's local executor and signals")
-def test_preempted_submitit_job_requeues_and_ends_bit_for_bit(tmp_path):
+def test_submitit_sweep_requeues_a_preempted_job_exactly_and_a_relaunch_runs_nothing(tmp_path):
+    """2 controllers × 2 seeds on submitit_local; one job gets SIGUSR2 mid-epoch (SLURM's
+    warning before a time limit or preemption), checkpoints, requeues itself and ends bit for
+    bit equal to an uninterrupted run; the same sweep relaunched launches nothing."""
     overrides = ["data=digits", "model=mlp", "model.hidden=16", "trainer.epochs=2", "trainer.batch_size=256",
                  "quiet=true", "device=cpu"]
-    reference = tmp_path / "reference"
-    train(compose(overrides), reference)
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     ready = tmp_path / "ready"
-    env = {"PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "META_LLR_TEST_HOLD_AT": "8", "META_LLR_TEST_READY": str(ready)}
-    sweep = subprocess.Popen([sys.executable, "-m", "meta_llr.train", "-m", "hydra/launcher=submitit_local",
-                              *overrides, f"paths.root={tmp_path}", "study=s", "seed=0"],
-                             cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", **env},
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hooks), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "META_LLR_TEST_HOLD_AT": "8", "META_LLR_TEST_HOLD_CONTROLLER": "depth_linear",
+           "META_LLR_TEST_READY": str(ready)}
+    argv = [sys.executable, "-m", "meta_llr.train", "-m", "hydra/launcher=submitit_local", *overrides,
+            "controller=uniform,depth_linear", "seed=0,1", f"paths.root={tmp_path}", "study=s"]
+    sweep = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
     while not ready.exists() and time.time() < deadline and sweep.poll() is None:
         time.sleep(0.05)
     assert ready.exists(), sweep.communicate()[1][-2000:]
-    run_dir = next((tmp_path / "s").glob("uniform-mlp-digits-s0-*"))
-    os.kill(int((run_dir / ".lock").read_text()), 12)  # SIGUSR2: SLURM's warning before preemption/time limit
-    _, err = sweep.communicate(timeout=240)
+    held = tmp_path / "s" / "depth_linear-mlp-digits-s1-model.hidden=16,trainer.batch_size=256,trainer.epochs=2"
+    os.kill(int((held / ".lock").read_text()), 12)  # SIGUSR2
+    _, err = sweep.communicate(timeout=300)
     assert sweep.returncode == 0, err[-2000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "4 jobs: 4 finished" in err, err[-1500:]
+    summary = json.loads((held / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["resumes"][0]["from_step"] == 8, summary.get("resumes")
-    assert differences(run_dir, reference) == []
+    reference = tmp_path / "reference"
+    train(compose([*overrides, "controller=depth_linear", "seed=1"]), reference)
+    assert differences(held, reference) == []
+
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "4 jobs: 4 finished (4 skipped (already over))" in again.stderr, again.stderr[-1500:]
