@@ -16,6 +16,11 @@ batches already on the device, the same optimizer hyper-parameters:
 * the framework's ``Run.train_step`` with ``uniform`` and with every registered controller,
   each ``Run`` built from the real config (``controller=NAME`` with its defaults).
 
+Under ``torchrun --nproc_per_node=N -m meta_llr.bench ...`` the framework's variants are DDP
+runs (:mod:`meta_llr.distributed`): each rank steps on its shard of the same global batch,
+``bare`` stays one process on the whole batch, and every row records ``world_size`` (the DDP
+row: the ratio is a data-parallel step against a one-process step). Rank 0 writes bench.json.
+
 Timing: variants are interleaved (round-robin blocks of ``--block`` steps, the starting
 variant rotating each round, and a block of ``bare`` right before every variant's block) so
 that drifting machine load hits all of them alike; the first
@@ -308,7 +313,12 @@ def build_variants(model_name: str, controllers: list[str], args, registry, work
         cfg = compose_config([*base, f"controller={name}", *controller_overrides(name, registry[name], workdir / name)])
         run = build_run(cfg, workdir / name, data=data)
         run.eval_splits = {}
-        variants.append(Variant(name, run.train_step, ratio_target(name, registry[name]), run=run))
+        step = run.train_step
+        if run.dist.active:  # under torchrun: each rank steps on its shard of the global batch (a DDP row)
+            def step(x, y, run=run):
+                run.train_step(run.dist.shard(x), run.dist.shard(y))
+        target = None if run.dist.active else ratio_target(name, registry[name])  # targets are one-process
+        variants.append(Variant(name, step, target, run=run))
     # The same pre-drawn, augmented batches for every variant.
     gen = torch.Generator(device=probe.device).manual_seed(1)
     from meta_llr.data import augment
@@ -418,6 +428,7 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
             extra, params, optimizer = extra_state_bytes(variant.run), variant.run.params, variant.run.optimizer
         row = {
             "model": model_name, "controller": variant.name, "device": device.type, "batch": args.batch,
+            "world_size": probe.dist.world_size,
             "clock": args.clock if device.type == "cpu" else "cuda_event", "threads": torch.get_num_threads(),
             "layers": len(probe.layers), "steps_timed": len(variant.times_ms),
             "step_ms_median": round(median, 3), "step_ms_p10": round(p10, 3), "step_ms_p90": round(p90, 3),
@@ -595,6 +606,8 @@ def main(argv=None) -> int:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return 0
     (out / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(format_table(rows))
     missed = misses(rows)

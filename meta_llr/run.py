@@ -168,7 +168,7 @@ class Run:
         self.status, self.error, self.reason = "running", None, None
         self.stop_signal: int | None = None  # set by a signal handler
         self.stopping = False  # the decision to stop, taken at step boundaries (all ranks agree)
-        self.global_batch = 0  # images in this step's batch across ranks
+        self.global_batch = self.batch_size  # images in this step's batch across ranks (set by batches())
         self.resumes: list[dict] = []  # where this run was resumed from, for the summary
         self.trace_every = int(cfg.trainer.trace_every or max(1, total // 200))
         self.trace = torch.zeros(math.ceil(total / self.trace_every), num_layers, device=device)
@@ -251,9 +251,10 @@ class Run:
         if any(self.trainable):
             loss.backward()
         if self.dist.active:  # the global batch's loss and count on every rank, on the device
-            totals = torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum().float()])
-            loss_sum, correct = self.dist.sum_(totals).unbind()
-            loss = loss_sum / self.global_batch
+            totals = torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum().float(),
+                                  loss.new_full((), float(len(y)))])  # a fill kernel, no host copy
+            loss_sum, correct, count = self.dist.sum_(totals).unbind()
+            loss = loss_sum / count
 
         global_lr = self.plan.lr_table[step]
         probe = (step + 1) % self.steps_per_epoch == 0  # last step of an epoch: diagnostics too
@@ -312,7 +313,7 @@ class Run:
             else:
                 self.loss_sum.add_(loss.detach(), alpha=len(y))
                 self.correct.add_((out.argmax(1) == y).sum())
-            self.seen += self.global_batch
+            self.seen += self.global_batch if self.dist.active else len(y)
         self.step += 1
 
     # ------------------------------------------------------------------ epochs
