@@ -1,6 +1,7 @@
-"""Beyond one machine: idempotent sweep directories, relaunches that skip, resume and rerun,
-the launchers after the plain install, and a submitit job preempted mid-run that requeues
-itself and ends bit for bit equal to an uninterrupted run."""
+"""Beyond one machine: sweep directories a function of the overrides, the launchers after the
+plain install, and a submitit sweep in which a job preempted mid-run requeues itself and ends
+bit for bit equal to an uninterrupted run, and whose relaunch runs nothing (relaunches that
+rerun failed jobs: tests/test_reliability.py)."""
 import json
 import os
 import subprocess
@@ -14,7 +15,6 @@ import pytest
 from meta_llr.config import compose, run_name
 from meta_llr.faults import differences
 from meta_llr.run import train
-from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,24 +39,6 @@ def test_run_name_is_a_function_of_what_the_run_computes():
 def command(*argv, env=None, timeout=240):
     return subprocess.run([sys.executable, "-m", "meta_llr.train", *argv], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled", **(env or {})})
-
-
-def test_relaunched_sweep_skips_finished_and_reruns_failed(tmp_path):
-    argv = ["-m", *TINY, "layers.groups=0,1000", f"paths.root={tmp_path}", "study=s", "hydra/job_logging=disabled"]
-    first = command(*argv)
-    assert first.returncode == 1, first.stderr
-    jobs = {Path(r["run_dir"]).name: r for r in json.loads((tmp_path / "s/multirun-1-summary.json").read_text())["jobs"]}
-    assert sorted(r["status"] for r in jobs.values()) == ["failed", "finished"]
-    finished = [n for n, r in jobs.items() if r["status"] == "finished"]
-    assert finished[0].startswith("uniform-mlp-synthetic-s0-h") and len(jobs) == 2  # long overrides: hashed
-    mtime = (tmp_path / "s" / finished[0] / "summary.json").stat().st_mtime_ns
-    second = command(*argv)
-    rows = json.loads((tmp_path / "s/multirun-2-summary.json").read_text())["jobs"]
-    before = {Path(r["run_dir"]).name: r["before"] for r in rows}
-    assert before[finished[0]] == "skipped (already over)" and "rerun" in before.values()
-    assert (tmp_path / "s" / finished[0] / "summary.json").stat().st_mtime_ns == mtime  # not launched again
-    assert (tmp_path / "s/multirun-1.yaml").is_file() and (tmp_path / "s/multirun-2.yaml").is_file()
-    assert second.returncode == 1 and "1 rerun, 1 skipped (already over)" in second.stderr, second.stderr[-800:]
 
 
 def hydra_config(*overrides):

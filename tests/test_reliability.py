@@ -398,6 +398,8 @@ def test_sweep_survives_its_jobs_and_numbers_its_files(tmp_path):
         assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr, result.stderr
         assert f"sweep {k} in {sweep_dir}: 4 jobs: 1 finished, 3 failed" in result.stderr, result.stderr
+        if k == 2:  # the relaunch: the finished job not launched, the one that failed at build rerun
+            assert "(1 rerun, 1 skipped (already over))" in result.stderr, result.stderr
         report = json.loads((sweep_dir / f"multirun-{k}-summary.json").read_text())
         assert report["counts"] == {"finished": 1, "failed": 3}
         jobs = {tuple(o for o in job["overrides"] if o.split("=")[0] in ("trainer.lr", "layers.groups")): job
