@@ -100,7 +100,8 @@ def sweep(sweeper, arguments: list[str]) -> list:
                     print(f"error: job {' '.join(job)}: {error}", file=sys.stderr)
                     rows.append({"status": "failed", "overrides": job, "error": str(error), "run_dir": None, "before": "-"})
                     continue
-                run_dir = sweep_dir / run_name(cfg.controller.name, cfg.model.name, cfg.data.name, cfg.seed, job)
+                run_dir = Path(os.path.abspath(sweep_dir / run_name(cfg.controller.name, cfg.model.name,
+                                                                    cfg.data.name, cfg.seed, job)))
                 state, summary = prior_state(run_dir)
                 if state == "done":
                     rows.append({"status": summary["status"], "overrides": job, "error": summary.get("reason"),
