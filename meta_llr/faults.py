@@ -223,7 +223,8 @@ def _zip_tree(path: Path, compression=zipfile.ZIP_DEFLATED) -> Path:
     return path
 
 
-def _damage_member(path: Path, member: str) -> None:
+def damage_zip_member(path: Path, member: str) -> None:
+    """Flip ten bytes of ``member``'s data inside the zip ``path`` (its headers stay intact)."""
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member)
     raw = bytearray(path.read_bytes())
@@ -249,12 +250,12 @@ def bad_file_inputs(root: Path) -> list[tuple[str, list[str]]]:
     def image_folder(label, path, *extra):
         cases.append((label, [*TINY, "data=imagefolder", f"data.path={path}", "data.cache=false", *extra]))
 
-    d = folder("zip_deflated"); _damage_member(_zip_tree(d / "all.zip"), "test/b/0.png")
+    d = folder("zip_deflated"); damage_zip_member(_zip_tree(d / "all.zip"), "test/b/0.png")
     image_folder("zip with a damaged member (deflated)", d)
     image_folder("zip with a damaged member, path is the zip", d / "all.zip")
-    d = folder("zip_stored"); _damage_member(_zip_tree(d / "all.zip", zipfile.ZIP_STORED), "test/b/0.png")
+    d = folder("zip_stored"); damage_zip_member(_zip_tree(d / "all.zip", zipfile.ZIP_STORED), "test/b/0.png")
     image_folder("zip with a damaged member (stored: CRC)", d)
-    d = folder("zip_first"); _damage_member(_zip_tree(d / "all.zip"), "train/a/0.png")
+    d = folder("zip_first"); damage_zip_member(_zip_tree(d / "all.zip"), "train/a/0.png")
     image_folder("zip with a damaged first member", d)
     d = folder("zip_truncated"); z = _zip_tree(d / "all.zip"); z.write_bytes(z.read_bytes()[:100])
     image_folder("truncated zip", d)

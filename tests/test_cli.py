@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from meta_llr.faults import damage_zip_member
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,12 +58,7 @@ def test_bad_files_give_one_line(tmp_path):
         for split in ("train", "test"):
             for cls in ("a", "b"):
                 zf.writestr(f"{split}/{cls}/0.png", png(40 if cls == "a" else 200))
-    with zipfile.ZipFile(zpath) as zf:
-        info = zf.getinfo("test/b/0.png")
-    raw = bytearray(zpath.read_bytes())
-    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
-    raw[start + 2:start + 12] = bytes(b ^ 0xFF for b in raw[start + 2:start + 12])
-    zpath.write_bytes(bytes(raw))
+    damage_zip_member(zpath, "test/b/0.png")
     one_line_error(cli("data=imagefolder", f"data.path={zpath}", "data.cache=false", "device=cpu", "trainer.epochs=1",
                        f"hydra.run.dir={tmp_path}/zip", "quiet=true"), "error:", str(zpath), "test/b/0.png")
     weights = tmp_path / "weights.pt"

@@ -28,6 +28,7 @@ from hypothesis import event, given, settings, strategies as st
 from meta_llr import checkpoint
 from meta_llr.config import compose
 from meta_llr.errors import Interrupted, UserError
+from meta_llr.faults import damage_zip_member
 from meta_llr.records import CONFIG, LAYERS, LOCK, METRICS, SUMMARY, TRACE, TRAIN_LOSS, read_jsonl
 from meta_llr.run import SIGNALS, Run, build_run, resume_if_asked, train
 from tests.conftest import TINY, compose_config
@@ -459,12 +460,7 @@ def image_inputs(tmp_path_factory):
     with zipfile.ZipFile(flipped, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path in sorted(good.rglob("*.png")):
             zf.write(path, path.relative_to(good).as_posix())
-    with zipfile.ZipFile(flipped) as zf:
-        info = zf.getinfo("test/b/0.png")
-    raw = bytearray(flipped.read_bytes())
-    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
-    raw[start + 2:start + 12] = bytes(b ^ 0xFF for b in raw[start + 2:start + 12])
-    flipped.write_bytes(bytes(raw))
+    damage_zip_member(flipped, "test/b/0.png")
     return {"good": good, "truncated": truncated, "garbage": garbage, "flipped": flipped,
             "missing": root / "no_such_dir"}
 
