@@ -35,7 +35,11 @@ Against the baseline group, on ``--metric``: Welch's t-test (``scipy.stats.ttest
 (Holm 1979: sort the m p-values, ``p_adj(i) = max_{j<=i} min(1, (m - j + 1) p(j))``), and
 Hedges' g, ``g = J (mean_A - mean_B) / s_pooled`` with ``J = 1 - 3 / (4 (n_A + n_B) - 9)``.
 When neither group varies (every run the same value) the test is undefined: p is NaN (not
-0) and the setting gets a "no variance" note. The formulas and sources: ``meta_llr.stats``.
+0) and the setting gets a "no variance" note. With each test its power: the difference's 95%
+Welch interval, the pooled seed-to-seed spread, the smallest difference detectable at the
+present n (alpha 0.05, 80% power, noncentral t), the seeds per arm the observed difference
+would need, and with ``--effect E`` the power for E and the seeds per arm E needs. The
+formulas and sources: ``meta_llr.stats``.
 
 Figures: ``curves.png`` (test accuracy and train loss against epochs, mean and ±1 std band per
 group), ``llr_heatmap.png`` (mean LLR scale per layer × progress, one panel per group),
@@ -56,7 +60,8 @@ import numpy as np
 
 from meta_llr.errors import UserError
 from meta_llr.runs import RunDir, find_runs
-from meta_llr.stats import NO_VARIANCE, hedges_g, holm, mean_ci, welch, welch_note
+from meta_llr.stats import (NO_VARIANCE, detectable_effect, hedges_g, holm, mean_ci, pooled_sd, power_t, seeds_needed,
+                            welch, welch_interval, welch_note)
 
 METRICS = ("final_test_acc", "best_test_acc", "loss_auc", "steps_to_target", "epochs_to_target",
            "gen_gap", "wall_s", "final_train_loss", "final_test_loss")
@@ -229,6 +234,7 @@ class Comparison:
     target: float | None
     rows: list[dict]  # one per (setting, group): the compare.csv rows
     by: str = "controller"
+    effect: float | None = None  # the difference worth finding (--effect): power and seeds for it
 
 
 def default_target(runs: list[RunDir]) -> float | None:
@@ -243,7 +249,7 @@ def default_target(runs: list[RunDir]) -> float | None:
 
 
 def compare(runs: list[RunDir], baseline: str = "uniform", metric: str = "final_test_acc",
-            target: float | None = None, by: str = "controller") -> Comparison:
+            target: float | None = None, by: str = "controller", effect: float | None = None) -> Comparison:
     if target is None:
         target = default_target(runs)
     settings = split_settings(runs, by, baseline)
@@ -284,8 +290,15 @@ def compare(runs: list[RunDir], baseline: str = "uniform", metric: str = "final_
                     setting.notes.append(f"group {group.label} vs {base.label}, {metric}: {NO_VARIANCE}")
                 row["hedges_g"] = hedges_g(values, other)
                 row["diff"] = row["metric_mean"] - (float(other.mean()) if len(other) else math.nan)
+                row["diff_ci_low"], row["diff_ci_high"] = welch_interval(values, other)
+                n, sd = min(len(values), len(other)), pooled_sd(values, other)
+                row.update(sd=sd, detectable=detectable_effect(sd, n), needs_observed=seeds_needed(abs(row["diff"]), sd),
+                           power=power_t(effect, sd, n) if effect else math.nan,
+                           needs=seeds_needed(effect, sd) if effect else None)
             else:
-                row.update(t=math.nan, p=math.nan, hedges_g=math.nan, diff=math.nan)
+                row.update(t=math.nan, p=math.nan, hedges_g=math.nan, diff=math.nan, diff_ci_low=math.nan,
+                           diff_ci_high=math.nan, sd=math.nan, detectable=math.nan, needs_observed=None,
+                           power=math.nan, needs=None)
             setting_rows.append(row)
         for row, adjusted in zip(setting_rows, holm([r["p"] for r in setting_rows])):
             row["p_holm"] = adjusted
@@ -298,7 +311,7 @@ def compare(runs: list[RunDir], baseline: str = "uniform", metric: str = "final_
                 setting.notes.append(f"group {group.label}: mean final test accuracy {row['final_test_acc_mean']:.4f} "
                                      f"is within {NEAR_CHANCE * 100:g} point of chance ({row['chance_acc']:.4f}): "
                                      "its runs finished but learned (almost) nothing")
-    return Comparison(settings, baseline, metric, target, rows, by)
+    return Comparison(settings, baseline, metric, target, rows, by, effect)
 
 
 def _baseline_group(setting: Setting, baseline: str) -> Group | None:
@@ -521,12 +534,22 @@ def markdown(comparison: Comparison, figures: dict[str, list[str]], title: str =
               f"| {_fmt(r['steps_to_target_median'], 0)} ({r['reached_target']}/{r['finished']}) "
               f"| {_fmt(r['epochs_to_target_median'], 1)} | {_fmt(r['loss_auc_mean'])} "
               f"| {_fmt(r['gen_gap_mean'])} | {_fmt(r['wall_s_mean'], 1)} |\n")
+        effect = f"{c.effect:g}" if c.effect else None
         w(f"\nWelch t-test of `{c.metric}` against `{c.baseline}` (two-sided), Holm-corrected across "
-          "groups; Hedges' g is the standardised difference (group − baseline).\n\n"
-          "| group | mean | diff vs baseline | t | p | p (Holm) | Hedges' g |\n|---|---|---|---|---|---|---|\n")
+          "groups; Hedges' g is the standardised difference (group − baseline). Power (alpha 0.05, "
+          "noncentral t, the pooled seed spread sd): the smallest difference detectable with 80% power "
+          "at this n, and the seeds per arm for 80% power"
+          + (f" for the effect {effect} (--effect) and" if effect else "") + " for the observed difference.\n\n"
+          "| group | mean | diff vs baseline [95% CI] | t | p | p (Holm) | Hedges' g | sd | detectable (80%) "
+          + (f"| power for {effect} | seeds for {effect} " if effect else "") + "| seeds for the observed diff |\n"
+          "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if effect else "") + "---|\n")
         for r in rows:
-            w(f"| {r['group']} | {_fmt(r['metric_mean'])} | {_fmt(r['diff'])} | {_fmt(r['t'], 3)} "
-              f"| {_fmt(r['p'], 3)} | {_fmt(r['p_holm'], 3)} | {_fmt(r['hedges_g'], 3)} |\n")
+            w(f"| {r['group']} | {_fmt(r['metric_mean'])} | {_fmt(r['diff'])} [{_fmt(r['diff_ci_low'])}, "
+              f"{_fmt(r['diff_ci_high'])}] | {_fmt(r['t'], 3)} "
+              f"| {_fmt(r['p'], 3)} | {_fmt(r['p_holm'], 3)} | {_fmt(r['hedges_g'], 3)} | {_fmt(r['sd'])} "
+              f"| {_fmt(r['detectable'])} "
+              + (f"| {_fmt(r['power'], 2)} | {r['needs'] or '—'} " if effect else "")
+              + f"| {r['needs_observed'] or '—'} |\n")
         w("\n")
         for name in figures.get(setting.title, []):
             w(f"![{name}]({name})\n\n")
@@ -544,6 +567,8 @@ def parse_args(argv):
                         help="test accuracy for steps/epochs-to-target (default: the lowest group mean)")
     parser.add_argument("--by", default="controller", help="group by this summary or dotted config key")
     parser.add_argument("--out", default=None, help="output folder (default: the first RUN_DIR)")
+    parser.add_argument("--effect", type=float, default=None,
+                        help="the difference worth finding, in the metric's units (e.g. 0.005): power and seeds for it")
     return parser.parse_args(argv)
 
 
@@ -551,7 +576,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         runs = find_runs(args.run_dirs)
-        comparison = compare(runs, args.baseline, args.metric, args.target_acc, args.by)
+        if args.effect is not None and not args.effect > 0:
+            raise UserError(f"--effect {args.effect}: give the difference worth finding, > 0 (e.g. 0.005)")
+        comparison = compare(runs, args.baseline, args.metric, args.target_acc, args.by, args.effect)
         if args.metric not in METRICS and not any(np.isfinite(v.get(args.metric, math.nan))
                                                   for s in comparison.settings for g in s.groups.values()
                                                   for v in g.values):

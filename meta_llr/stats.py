@@ -164,3 +164,76 @@ def holm(pvalues) -> list[float]:
     m = len(order)
     out[order] = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
     return out.tolist()
+
+
+# ----------------------------------------------------------------------------- power
+
+def power_t(effect: float, sd: float, n: int, alpha: float = 0.05, alternative: str = "two-sided") -> float:
+    """Power of the two-sample t-test with ``n`` values per arm for a true mean difference
+    ``effect`` when both arms have standard deviation ``sd`` (Cohen 1988, *Statistical Power
+    Analysis*, ch. 2): with ``df = 2n - 2`` and noncentrality ``δ = effect / (sd sqrt(2/n))``,
+    two-sided ``P(|T'| > t_{1-α/2})``, one-sided (``greater``: effect > 0 claimed)
+    ``P(T' > t_{1-α})``, ``T' ~`` noncentral t(df, δ) (``scipy.stats.nct``). Welch's test has
+    about this power for equal n. NaN for n < 2 or sd not > 0."""
+    if n < 2 or not (sd > 0) or not math.isfinite(effect):
+        return math.nan
+    df, delta = 2 * n - 2, effect / (sd * math.sqrt(2 / n))
+    if alternative == "two-sided":
+        crit = stats.t.ppf(1 - alpha / 2, df)
+        return float(stats.nct.sf(crit, df, delta) + stats.nct.cdf(-crit, df, delta))
+    if alternative == "less":
+        delta = -delta
+    return float(stats.nct.sf(stats.t.ppf(1 - alpha, df), df, delta))
+
+
+def tost_power(margin: float, sd: float, n: int, alpha: float = 0.05, true_diff: float = 0.0) -> float:
+    """Power of TOST (:func:`tost`) to show ``|A - B| < margin`` with ``n`` values per arm when
+    the true difference is ``true_diff`` and both arms have standard deviation ``sd``: the usual
+    noncentral-t approximation (Chow & Liu, *Design and Analysis of Bioavailability and
+    Bioequivalence Studies*, 2008, §5.3), ``1 - P(T' < t_c; δ_low) - P(T' > -t_c; δ_high)``
+    with ``δ = (true_diff ± margin) / (sd sqrt(2/n))``, ``t_c = t_{1-α, 2n-2}``, clipped at 0."""
+    if n < 2 or not (sd > 0):
+        return math.nan
+    df, se = 2 * n - 2, sd * math.sqrt(2 / n)
+    crit = stats.t.ppf(1 - alpha, df)
+    power = 1 - stats.nct.cdf(crit, df, (true_diff + margin) / se) - stats.nct.sf(-crit, df, (true_diff - margin) / se)
+    return float(max(0.0, power))
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = 0.05, power: float = 0.8,
+                 alternative: str = "two-sided", equivalence: bool = False, most: int = 100_000) -> int | None:
+    """The smallest n per arm whose power (:func:`power_t`, or :func:`tost_power` with
+    ``effect`` as the margin when ``equivalence``) reaches ``power``; None if even ``most`` is short."""
+    def achieved(n: int) -> float:
+        return tost_power(effect, sd, n, alpha) if equivalence else power_t(effect, sd, n, alpha, alternative)
+
+    if not (sd > 0) or not math.isfinite(effect) or effect == 0 or achieved(most) < power:
+        return None
+    low, high = 2, most  # power grows with n: bisect for the first n that reaches it
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if achieved(mid) < power else (low, mid)
+    return low
+
+
+def detectable_effect(sd: float, n: int, alpha: float = 0.05, power: float = 0.8,
+                      alternative: str = "two-sided") -> float:
+    """The smallest true difference the t-test with ``n`` values per arm detects with ``power``
+    (the root of ``power_t(effect) = power``, ``scipy.optimize.brentq``); NaN for n < 2."""
+    from scipy.optimize import brentq
+
+    if n < 2 or not (sd > 0):
+        return math.nan
+    side = "greater" if alternative != "two-sided" else alternative
+    high = sd
+    while power_t(high, sd, n, alpha, side) < power:
+        high *= 2
+    return float(brentq(lambda e: power_t(e, sd, n, alpha, side) - power, 0.0, high, xtol=sd * 1e-9))
+
+
+def pooled_sd(a, b) -> float:
+    """``sqrt(((n_a-1) s_a² + (n_b-1) s_b²) / (n_a + n_b - 2))``; NaN with fewer than 2 values in an arm."""
+    a, b = _pair(a, b)
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    return float(math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)))

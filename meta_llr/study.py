@@ -1,4 +1,4 @@
-"""Preregistered studies: ``python -m meta_llr.study run|report|show FILE [overrides...]``.
+"""Preregistered studies: ``python -m meta_llr.study run|report|show|plan FILE [overrides...]``.
 
 A study file (YAML; a name resolves to ``meta_llr/studies/NAME.yaml``) fixes the grid and the
 hypotheses *before* any run::
@@ -26,6 +26,8 @@ hypotheses *before* any run::
         comparison: reversed > uniform          # A < B, A > B, or |A - B| < margin
         baseline: uniform             # optional, default B: effect sizes are (other - baseline)
         alpha: 0.05                   # optional, default 0.05
+        effect: 0.005                 # the smallest difference worth finding (equivalence: the margin)
+        power: 0.8                    # optional, default 0.8: below it the verdict is "underpowered"
 
 ``run`` launches each arm as one Hydra multirun over the seeds (``python -m meta_llr.train -m
 +arm=LABEL controller=... seed=0,1,2 ...``), skipping (arm, seed) pairs that already have a
@@ -36,14 +38,21 @@ cluster; anything after the file is passed on as overrides (``device=cuda
 trainer.compile=true``). ``--dry-run`` prints the commands.
 
 ``report`` runs ``meta_llr.compare`` on the study folder and judges every hypothesis on the
-finished runs, with Holm's correction across the study's hypotheses. Diverged runs are left
+finished runs, with Holm's correction across one family: every hypothesis's test of the claim
+and of its opposite together (so the error rate per hypothesis stays at alpha). Diverged runs are left
 out of every mean and test and counted per arm with their reasons (``4 runs, 1 diverged
 (loss_explosion)``), in the comparison tables and beside each verdict; an arm whose mean final
 test accuracy is within 1 point of chance is flagged (see :mod:`meta_llr.compare`):
 
+* first the power: with the arms' pooled seed-to-seed spread ``s`` and ``n`` finished runs per
+  arm (the smaller arm), the power of the test for the preregistered ``effect``
+  (:func:`meta_llr.stats.power_t`, noncentral t; equivalence: :func:`meta_llr.stats.tost_power`
+  at a true difference 0). Below ``power`` (default 0.8) the verdict is **underpowered (needs N
+  seeds per arm)**, whatever the p-values say (a significant result at low power is reported
+  beside it as exploratory); a hypothesis without ``effect`` gets no power and says so.
 * ``A < B`` (``A > B``): one-sided Welch t-test. **supported** when its Holm-adjusted p is
   below alpha; **contradicted** when the opposite one-sided test is (A significantly above,
-  resp. below, B); otherwise **inconclusive**.
+  resp. below, B); otherwise **inconclusive** (powered, and no difference found).
 * ``|A - B| < margin``: equivalence by two one-sided Welch tests (TOST, Schuirmann 1987),
   ``p = max(p(A - B > -margin), p(A - B < margin))``: **supported** when below alpha;
   **contradicted** when ``|A - B| > margin`` is significant (the smaller of the two one-sided
@@ -51,6 +60,9 @@ test accuracy is within 1 point of chance is flagged (see :mod:`meta_llr.compare
 * fewer than 2 finished runs in an arm, or neither arm varies (every run of both the same
   value: Welch's t is undefined, p is NaN rather than a made-up 0 or 1): **inconclusive**, with
   the reason. The formulas and their sources: ``meta_llr.stats``.
+
+``plan --pilot DIR`` sizes the study from pilot runs: per hypothesis, the seed spread, the seeds
+per arm its preregistered effect needs, and the power of the file's seeds.
 
 ``report.md`` (next to ``compare.md``, ``compare.csv`` and the figures) gives per hypothesis the
 verdict, the means, the difference with its 95% Welch interval, the deciding t statistic, raw
@@ -74,7 +86,8 @@ import yaml
 from meta_llr.compare import METRICS, compare, markdown, write_outputs
 from meta_llr.errors import UserError
 from meta_llr.runs import find_runs
-from meta_llr.stats import hedges_g, holm, tost, welch, welch_interval, welch_note
+from meta_llr.stats import (detectable_effect, hedges_g, holm, pooled_sd, power_t, seeds_needed, tost, tost_power,
+                            welch, welch_interval, welch_note)
 
 DIRECTIONAL = re.compile(r"^\s*([\w.-]+)\s*([<>])\s*([\w.-]+)\s*$")
 EQUIVALENCE = re.compile(r"^\s*\|\s*([\w.-]+)\s*-\s*([\w.-]+)\s*\|\s*<\s*([0-9.eE+-]+)\s*$")
@@ -94,6 +107,8 @@ class Hypothesis:
     baseline: str
     alpha: float
     text: str            # the comparison as written
+    effect: float | None = None  # preregistered smallest difference worth finding (equiv: the margin)
+    power: float = 0.8
 
 
 def study_path(name_or_path: str) -> Path:
@@ -180,7 +195,15 @@ def parse_hypothesis(node: dict, arms: dict, where: str) -> Hypothesis:
         raise UserError(f"{where}: hypothesis {hid} alpha must lie in (0, 1), got {alpha}")
     if margin is not None and margin <= 0:
         raise UserError(f"{where}: hypothesis {hid} margin must be > 0")
-    return Hypothesis(hid, str(node.get("claim", "")), metric, kind, a, b, margin, baseline, alpha, text)
+    effect = node.get("effect", margin)
+    if effect is not None and not (isinstance(effect, (int, float)) and effect > 0):
+        raise UserError(f"{where}: hypothesis {hid} effect must be a number > 0 (the smallest difference worth "
+                        f"finding, in the metric's units), got {effect!r}")
+    power = node.get("power", 0.8)
+    if not (isinstance(power, (int, float)) and 0 < power < 1):
+        raise UserError(f"{where}: hypothesis {hid} power must lie in (0, 1), got {power!r}")
+    return Hypothesis(hid, str(node.get("claim", "")), metric, kind, a, b, margin, baseline, alpha, text,
+                      None if effect is None else float(effect), float(power))
 
 
 # ----------------------------------------------------------------------------- run
@@ -262,7 +285,22 @@ def evaluate_hypothesis(h: Hypothesis, a, b) -> dict:
                   diff=sign * (result["mean_a"] - result["mean_b"]),
                   diff_ci=(low, high) if sign == 1 else (-high, -low),
                   hedges_g=hedges_g(a, b) * sign)
+    result.update(power_of(h, pooled_sd(a, b), min(len(a), len(b)), abs(result["diff"])))
     return result
+
+
+def power_of(h: Hypothesis, sd: float, n: int, observed: float = math.nan) -> dict:
+    """The test's power for the preregistered effect at ``n`` per arm with spread ``sd``, the
+    seeds per arm it needs, the smallest effect it detects now, and the seeds the observed
+    difference would need (all at the hypothesis's alpha and power)."""
+    side = "two-sided" if h.kind == "equiv" else "greater"
+    equiv = h.kind == "equiv"
+    out = {"sd": sd, "power": math.nan, "needs": None, "detectable": detectable_effect(sd, n, h.alpha, h.power, side),
+           "needs_observed": None if equiv else seeds_needed(observed, sd, h.alpha, h.power, side)}
+    if h.effect is not None:
+        out["power"] = tost_power(h.effect, sd, n, h.alpha) if equiv else power_t(h.effect, sd, n, h.alpha, side)
+        out["needs"] = seeds_needed(h.effect, sd, h.alpha, h.power, side, equivalence=equiv)
+    return out
 
 
 def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
@@ -270,7 +308,14 @@ def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
     results = []
     for setting in comparison.settings:
         for h in hypotheses:
-            groups = {label.split(" [")[0]: g for label, g in setting.groups.items()}
+            groups = {}
+            for label, g in setting.groups.items():
+                arm = label.split(" [")[0]
+                if arm in groups:  # never judge one of two differing configs silently
+                    raise UserError(f"arm {arm} holds runs of differing configs in setting {setting.title} "
+                                    f"({', '.join(k for k in setting.groups if k.split(' [')[0] == arm)}); "
+                                    f"remove the stray runs from the study folder or give them another arm label")
+                groups[arm] = g
             a, b = groups.get(h.a), groups.get(h.b)
             values_a = a.metric(h.metric) if a else np.array([])
             values_b = b.metric(h.metric) if b else np.array([])
@@ -279,23 +324,36 @@ def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
                                   if g is not None and len(g.runs) > g.counts()["finished"]]
             result["at_chance"] = [label for label, g in ((h.a, a), (h.b, b)) if g is not None and g.near_chance()]
             results.append(result)
-    for key in ("p_support", "p_contra"):
-        for result, adjusted in zip(results, holm([r[key] for r in results])):
-            result[f"{key}_holm"] = adjusted
+    # One family: the claim's and the opposite's test of every hypothesis, adjusted together.
+    adjusted = holm([r[key] for r in results for key in ("p_support", "p_contra")])
+    for i, result in enumerate(results):
+        result["p_support_holm"], result["p_contra_holm"] = adjusted[2 * i], adjusted[2 * i + 1]
     for r in results:
         h = r["hypothesis"]
+        significant = ("the claim" if r["p_support_holm"] < h.alpha else
+                       "the opposite" if r["p_contra_holm"] < h.alpha else None)
         if min(r["n_a"], r["n_b"]) < 2:
             r["verdict"], r["why"] = "inconclusive", f"fewer than 2 finished runs with {h.metric} in an arm"
         elif r["note"]:
             r["verdict"], r["why"] = "inconclusive", f"{h.metric}: {r['note']}"
+        elif h.effect is not None and not r["power"] >= h.power:
+            needs = f"needs {r['needs']} seeds per arm" if r["needs"] else "needs more seeds than can be run"
+            r["verdict"] = f"underpowered ({needs})"
+            r["why"] = (f"power {_g(r['power'], 2)} < {h.power} for the preregistered effect {h.effect:g} at n = "
+                        f"{min(r['n_a'], r['n_b'])} with seed spread {_g(r['sd'], 3)}"
+                        + (f"; {significant} is significant (Holm p "
+                           f"{_g(min(r['p_support_holm'], r['p_contra_holm']))}), exploratory at this power"
+                           if significant else ""))
         elif r["p_support_holm"] < h.alpha:
             r["verdict"], r["why"] = "supported", f"Holm p {r['p_support_holm']:.3g} < alpha {h.alpha}"
         elif r["p_contra_holm"] < h.alpha:
             r["verdict"], r["why"] = "contradicted", f"the opposite is significant (Holm p {r['p_contra_holm']:.3g})"
         else:
+            power = (f" with power {_g(r['power'], 2)} for the preregistered effect {h.effect:g}"
+                     if h.effect is not None else " (no preregistered effect: its power is unknown)")
             r["verdict"], r["why"] = "inconclusive", (f"neither the claim (Holm p {_g(r['p_support_holm'])}) "
                                                       f"nor its opposite (Holm p {_g(r['p_contra_holm'])}) "
-                                                      f"is significant at {h.alpha}")
+                                                      f"is significant at {h.alpha}{power}")
     return results
 
 
@@ -313,11 +371,14 @@ def report_text(study: dict, results: list[dict], comparison_md: str) -> str:
     lines.append(f"Grid: model {grid['model']}, data {grid['data']}, {grid['epochs']} epochs, schedule "
                  f"{grid.get('schedule', 'step')}, seeds {grid['seeds']}; arms: {arms}. Study file: "
                  f"`{study['path']}`.\n")
-    lines.append("Verdicts: one-sided Welch t-tests (equivalence: two one-sided tests), Holm-corrected across "
-                 "the hypotheses; supported / contradicted (the opposite is significant) / inconclusive.\n")
+    lines.append("Verdicts: one-sided Welch t-tests (equivalence: two one-sided tests), Holm-corrected in one "
+                 "family (every claim and its opposite); a test with less than its preregistered power for the "
+                 "preregistered effect is **underpowered**, whatever its p; else supported / contradicted (the "
+                 "opposite is significant) / inconclusive. Power: noncentral t with the arms' pooled seed spread "
+                 "(sd); detectable: the smallest difference found with that power at this n.\n")
     lines.append("| id | claim | metric | comparison | verdict | means (A, B) | diff vs baseline [95% CI] "
-                 "| t | p | p (Holm) | Hedges' g | n (A, B) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "| t | p | p (Holm) | Hedges' g | n (A, B) | sd | power (effect) | seeds needed | detectable |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         h = r["hypothesis"]
         low, high = r["diff_ci"]
@@ -326,7 +387,9 @@ def report_text(study: dict, results: list[dict], comparison_md: str) -> str:
             f"(baseline {h.baseline}, α {h.alpha}) "
             f"| **{r['verdict']}** | {_g(r['mean_a'], 4)}, {_g(r['mean_b'], 4)} "
             f"| {_g(r['diff'], 3)} [{_g(low, 3)}, {_g(high, 3)}] | {_g(r['t'])} | {_g(r['p_support'])} "
-            f"| {_g(r['p_support_holm'])} | {_g(r['hedges_g'])} | {r['n_a']}, {r['n_b']} |")
+            f"| {_g(r['p_support_holm'])} | {_g(r['hedges_g'])} | {r['n_a']}, {r['n_b']} | {_g(r['sd'])} "
+            f"| {_g(r['power'], 2)} ({_g(h.effect) if h.effect is not None else '—'}) "
+            f"| {r['needs'] or '—'} | {_g(r['detectable'])} |")
     lines.append("")
     for r in results:
         extra = ""
@@ -357,17 +420,44 @@ def report_study(study: dict, root=None, figures: bool = True) -> tuple[Path, li
     return out / "report.md", results
 
 
+def plan_study(study: dict, pilot: str | Path) -> str:
+    """Size the study from pilot runs (any run directories with the study's arms, e.g. a
+    ``study run`` with 3 seeds): per hypothesis and setting, the pilot's pooled seed spread,
+    the seeds per arm the preregistered effect needs at its alpha and power, and the power the
+    study file's seeds would have. A table (markdown)."""
+    runs = find_runs(Path(pilot))
+    comparison = compare(runs, baseline=study["baseline"], metric=study.get("metric", "final_test_acc"),
+                         target=study.get("target_acc"))
+    planned = len(study["grid"]["seeds"])
+    lines = [f"# Plan for study {study['name']} from the pilot {pilot}", "",
+             "| id | setting | metric | effect | pilot n (A, B) | seed spread (sd) | seeds per arm needed "
+             f"| power with the file's {planned} seeds |", "|---|---|---|---|---|---|---|---|"]
+    for setting in comparison.settings:
+        groups = {label.split(" [")[0]: g for label, g in setting.groups.items()}
+        for h in study["hypotheses"]:
+            a, b = (groups[arm].metric(h.metric) if arm in groups else np.array([]) for arm in (h.a, h.b))
+            sd = pooled_sd(a, b)
+            planned_power = power_of(h, sd, planned)["power"]
+            needs = power_of(h, sd, max(len(a), 2))["needs"]
+            lines.append(f"| {h.id} | {setting.title} | {h.metric} | {_g(h.effect) if h.effect else '— (none given)'} "
+                         f"| {len(a)}, {len(b)} | {_g(sd)} | {needs or '—'} | {_g(planned_power, 2)} |")
+    lines += ["", "Power: two-sample t (noncentral t; equivalence: TOST) with the pilot's pooled spread, "
+              "meta_llr.stats. A pilot of 3 seeds estimates the spread loosely: plan with margin."]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meta_llr.study", description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=("run", "report", "show"))
+    parser.add_argument("action", choices=("run", "report", "show", "plan"))
     parser.add_argument("study", help="study YAML path, or the name of a shipped study")
     parser.add_argument("overrides", nargs="*", help="extra training overrides for run (e.g. device=cuda)")
     parser.add_argument("--root", default=None, help="folder holding study folders (default: runs)")
     parser.add_argument("--launcher", default=None, help="Hydra launcher, e.g. joblib or submitit_slurm")
     parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--pilot", default=None, help="plan: a folder of pilot runs of the study's arms")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         study = load_study(args.study)
@@ -375,6 +465,10 @@ def main(argv=None) -> int:
             run_study(study, args.root, args.launcher, args.overrides, force=True, dry_run=True)
             for h in study["hypotheses"]:
                 print(f"{h.id}: {h.claim} [{h.metric}: {h.text}, alpha {h.alpha}]")
+        elif args.action == "plan":
+            if not args.pilot:
+                raise UserError("study plan needs --pilot DIR: a folder of pilot runs (e.g. a study run with 3 seeds)")
+            print(plan_study(study, args.pilot))
         elif args.action == "run":
             run_study(study, args.root, args.launcher, args.overrides, args.force, args.dry_run)
         else:

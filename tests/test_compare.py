@@ -204,3 +204,28 @@ def test_finer_evaluations_resolve_steps_to_target(tmp_path):
     assert run_values(runs["fine"], 0.7)["epochs_to_target"] == 1.5
     assert run_values(runs["coarse"], 0.7)["epochs_to_target"] == 2
     assert coarse.is_dir()
+
+
+def test_every_comparison_states_its_power(tmp_path):
+    """Beside each test: the difference's Welch interval, the pooled seed spread, the smallest
+    difference detectable at this n, and the seeds per arm the given --effect and the observed
+    difference need (meta_llr.stats, noncentral t)."""
+    from meta_llr.compare import markdown
+    from meta_llr.stats import detectable_effect, power_t, seeds_needed, welch_interval
+
+    finals = {"uniform": (0.900, 0.905, 0.898), "depth_linear": (0.904, 0.911, 0.903)}
+    for controller, values in finals.items():
+        for seed, acc in enumerate(values):
+            make_run(tmp_path, f"{controller}-{seed}", controller, seed, accs=(0.5, 0.8, acc))
+    comparison = compare(find_runs(tmp_path), effect=0.005)
+    row = next(r for r in comparison.rows if r["group"] == "depth_linear")
+    a, b = np.array(finals["depth_linear"]), np.array(finals["uniform"])
+    sd = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+    assert row["sd"] == pytest.approx(sd)
+    assert (row["diff_ci_low"], row["diff_ci_high"]) == pytest.approx(welch_interval(a, b))
+    assert row["detectable"] == pytest.approx(detectable_effect(sd, 3))
+    assert row["power"] == pytest.approx(power_t(0.005, sd, 3)) and row["needs"] == seeds_needed(0.005, sd)
+    assert row["needs_observed"] == seeds_needed(a.mean() - b.mean(), sd)
+    text = markdown(comparison, {})
+    assert "power for 0.005" in text and f"| {row['needs']} |" in text
+    assert main([str(tmp_path), "--effect", "-1"]) == 2  # one line

@@ -156,3 +156,24 @@ def test_holm_matches_its_definition():
             expected[order[i]] = max(min(1.0, (m - j) * p[order[j]]) for j in range(i + 1))
         assert holm(p) == expected.tolist()
         assert all(h <= min(1.0, m * q) for h, q in zip(holm(p), p))
+
+
+def test_power_matches_published_tables_and_the_issue():
+    """Two-sample t-test power (noncentral t) against Cohen (1988), Table 2.4.1, and the
+    first study's numbers: a 0.5-point effect with a 0.5-point seed spread has 16 % power at
+    3 seeds per arm and needs 17."""
+    from meta_llr.stats import detectable_effect, power_t, seeds_needed, tost_power
+
+    assert power_t(0.5, 1.0, 64) == pytest.approx(0.80, abs=0.005)          # d = 0.5: n = 64
+    assert seeds_needed(0.5, 1.0) == 64 and seeds_needed(0.8, 1.0) == 26     # d = 0.8: n = 26
+    assert seeds_needed(1.0, 1.0) == 17
+    assert power_t(0.5, 1.0, 50, alternative="greater") == pytest.approx(0.80, abs=0.01)  # one-sided
+    assert power_t(0.005, 0.005, 3) == pytest.approx(0.159, abs=0.002) and seeds_needed(0.005, 0.005) == 17
+    assert power_t(0.0, 1.0, 10) == pytest.approx(0.05)                      # no effect: alpha
+    effect = detectable_effect(0.005, 3)
+    assert power_t(effect, 0.005, 3) == pytest.approx(0.8, abs=1e-6) and effect > 0.015
+    # TOST: more power with less spread and more seeds; none when the margin is far below the noise
+    assert tost_power(0.005, 0.0025, 3) < tost_power(0.005, 0.0025, 10) < tost_power(0.005, 0.001, 10)
+    assert tost_power(0.005, 0.05, 3) == 0.0
+    assert seeds_needed(0.005, 0.005, equivalence=True) > 17
+    assert math.isnan(power_t(0.1, 0.0, 5)) and seeds_needed(0.1, 0.0) is None

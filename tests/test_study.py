@@ -8,7 +8,7 @@ from scipy import stats
 
 from meta_llr.compare import loss_auc
 from meta_llr.errors import UserError
-from meta_llr.stats import holm, welch_interval
+from meta_llr.stats import holm, seeds_needed, tost_power, welch_interval
 from meta_llr.study import load_study, main, report_study, run_study
 from tests.test_compare import make_run
 
@@ -108,17 +108,27 @@ def test_verdicts_on_known_numbers(study_file, tmp_path):
                  stats.ttest_ind(a - 0.05, b, equal_var=False, alternative="less").pvalue)
     assert by_id["H_same"]["p_support"] == pytest.approx(p_tost)
     assert by_id["H_same"]["verdict"] == "supported"
-    assert by_id["H_tight"]["verdict"] == "inconclusive"  # noisy arm, tiny margin
+    # noisy arm, tiny margin: not "inconclusive" but underpowered, with the seeds it needs
+    tight = by_id["H_tight"]
+    a_t, b_t = np.array(FINAL_ACC["slow"]), np.array(FINAL_ACC["uniform"])
+    sd = math.sqrt((a_t.var(ddof=1) + b_t.var(ddof=1)) / 2)  # equal n: the pooled spread
+    assert tight["sd"] == pytest.approx(sd)
+    margin = tight["hypothesis"].margin
+    assert tight["power"] == pytest.approx(tost_power(margin, sd, 3, alpha=0.01)) and tight["power"] < 0.8
+    assert tight["verdict"] == f"underpowered (needs {seeds_needed(margin, sd, 0.01, equivalence=True)} seeds per arm)"
 
-    raw = [by_id[h]["p_support"] for h in ("H_fast", "H_wrong", "H_same", "H_tight")]
-    assert [by_id[h]["p_support_holm"] for h in ("H_fast", "H_wrong", "H_same", "H_tight")] == \
-        pytest.approx(holm(raw))
+    # One Holm family: every hypothesis's claim and its opposite, adjusted together.
+    order = ("H_fast", "H_wrong", "H_same", "H_tight")
+    raw = [by_id[h][k] for h in order for k in ("p_support", "p_contra")]
+    adjusted = [by_id[h][k] for h in order for k in ("p_support_holm", "p_contra_holm")]
+    assert adjusted == pytest.approx(holm(raw), nan_ok=True)
     low, high = welch_interval(auc["fast"], auc["uniform"])
     assert by_id["H_fast"]["diff_ci"] == pytest.approx((low, high))
     assert low < by_id["H_fast"]["diff"] < high < 0
 
     text = path.read_text()
     assert "| H_fast |" in text and "**supported**" in text and "**contradicted**" in text
+    assert "**underpowered (needs" in text
     assert (path.parent / "compare.md").exists() and (path.parent / "compare.csv").exists()
 
 
@@ -142,3 +152,15 @@ def test_too_few_runs_is_inconclusive_and_cli_errors(study_file, tmp_path, capsy
     assert all(math.isnan(r["p_support"]) for r in results)
     assert main(["report", str(study_file), "--root", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: no runs for study known")
+
+
+def test_plan_sizes_the_study_from_a_pilot(study_file, tmp_path, capsys):
+    """The seeds per arm each preregistered effect needs, from the pilot's spread."""
+    fill_runs(tmp_path)
+    assert main(["plan", str(study_file), "--pilot", str(tmp_path / "known")]) == 0
+    text = capsys.readouterr().out
+    a, b = np.array(FINAL_ACC["slow"]), np.array(FINAL_ACC["uniform"])
+    sd = math.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+    row = next(line for line in text.splitlines() if line.startswith("| H_tight "))
+    assert f"| {seeds_needed(0.001, sd, 0.01, equivalence=True)} |" in row
+    assert main(["plan", str(study_file)]) == 2  # --pilot is required: one line
