@@ -132,7 +132,24 @@ def table(plan: dict, setting: str, rows: dict[str, list[dict]], controllers: li
     return "\n".join(lines), failing
 
 
-def report(plan: dict, results: dict, controllers: list[str], command: str) -> str:
+def sections(text: str) -> dict[str, str]:
+    """The ``## name`` sections of a health table, by name (their body, heading excluded)."""
+    out, name, body = {}, None, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            if name:
+                out[name] = "\n".join(body).strip()
+            name, body = line[3:].strip(), []
+        elif name:
+            body.append(line)
+    if name:
+        out[name] = "\n".join(body).strip()
+    return out
+
+
+def report(plan: dict, results: dict, controllers: list[str], command: str, previous: dict | None = None) -> str:
+    """The health table; a setting with no runs under ``--runs`` keeps its section of the
+    previous table (``previous``: :func:`sections` of the file being replaced), marked so."""
     parts = [
         "# Controller health table",
         "",
@@ -150,8 +167,15 @@ def report(plan: dict, results: dict, controllers: list[str], command: str) -> s
         parts.append(" ".join(str(spec.get("description", "")).split()))
         parts.append("")
         if setting not in results:
-            parts.append(f"Not run yet: `python -m meta_llr.health --settings {setting}`.")
-            parts.append("")
+            kept = (previous or {}).get(setting, "")
+            if "| controller |" in kept:
+                body = kept.split("\n", 1)[1].strip() if kept.startswith(parts[-2]) else kept
+                body = "\n".join(line for line in body.splitlines() if not line.startswith("(Kept from")).strip()
+                parts += [f"(Kept from the previous table: its runs are not under this `--runs`; "
+                          f"`python -m meta_llr.health --settings {setting}` regenerates it.)", "", body, ""]
+            else:
+                parts.append(f"Not run yet: `python -m meta_llr.health --settings {setting}`.")
+                parts.append("")
             continue
         text, failing = table(plan, setting, results[setting], controllers)
         seeds = sorted({len(v) for v in results[setting].values()})
@@ -201,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         everything = collect(plan, list(plan["settings"]), list(registry), None, Path(args.runs),
                              args.cifar10_jpeg, False, execute=False)
         command = "python -m meta_llr.health" + (f" --settings {args.settings}" if args.settings else "")
-        text = report(plan, everything, [baseline] + [c for c in registry if c != baseline], command)
+        out = Path(args.out)
+        previous = sections(out.read_text()) if out.is_file() else {}
+        text = report(plan, everything, [baseline] + [c for c in registry if c != baseline], command, previous)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
