@@ -86,8 +86,8 @@ import yaml
 from meta_llr.compare import METRICS, compare, markdown, write_outputs
 from meta_llr.errors import UserError
 from meta_llr.runs import find_runs
-from meta_llr.stats import (detectable_effect, hedges_g, holm, pooled_sd, power_t, seeds_needed, tost, tost_power,
-                            welch, welch_interval, welch_note)
+from meta_llr.stats import (detectable_effect, hedges_g, holm, iqm_ci, pooled_sd, power_t, seeds_needed, tost,
+                            tost_power, welch, welch_interval, welch_note)
 
 DIRECTIONAL = re.compile(r"^\s*([\w.-]+)\s*([<>])\s*([\w.-]+)\s*$")
 EQUIVALENCE = re.compile(r"^\s*\|\s*([\w.-]+)\s*-\s*([\w.-]+)\s*\|\s*<\s*([0-9.eE+-]+)\s*$")
@@ -361,9 +361,34 @@ def _g(value, digits: int = 3) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
-def report_text(study: dict, results: list[dict], comparison_md: str) -> str:
+def grid_differences(study: dict, runs) -> list[str]:
+    """How the finished and diverged runs depart from the study file's grid: epochs, model,
+    data, and the seeds of each arm (missing or extra). Empty: the preregistered grid."""
+    grid, out = study["grid"], []
+    done = [r for r in runs if r.status in DONE]
+    for key, want in (("trainer.epochs", grid["epochs"]), ("model.name", grid["model"]), ("data.name", grid["data"])):
+        found = sorted({str(r.get(key)) for r in done} - {str(want)})
+        if found:
+            out.append(f"{key} {', '.join(found)} (the file: {want})")
+    want_seeds = {int(s) for s in grid["seeds"]}
+    for label in study["arms"]:
+        seeds = {int(r.get("seed", -1)) for r in done if str(r.get("arm") or r.controller) == label}
+        if seeds != want_seeds:
+            missing, extra = sorted(want_seeds - seeds), sorted(seeds - want_seeds)
+            out.append(f"arm {label}: seeds " + "; ".join(
+                part for part in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if part))
+    return out
+
+
+def report_text(study: dict, results: list[dict], comparison_md: str, differences: list[str] = (),
+                arm_values: dict | None = None) -> str:
     grid = study["grid"]
-    lines = [f"# Study {study['name']}: preregistered hypotheses\n"]
+    if differences:  # judged on another grid than the preregistered one: say so first
+        lines = [f"# Study {study['name']}: EXPLORATORY report (not the preregistered grid)\n",
+                 "The runs depart from the study file, so the verdicts below are exploratory: "
+                 + "; ".join(differences) + ".\n"]
+    else:
+        lines = [f"# Study {study['name']}: preregistered hypotheses\n"]
     if study.get("description"):
         lines.append(" ".join(str(study["description"]).split()) + "\n")
     arms = "; ".join(f"{label} = {arm['name']} {' '.join(arm['overrides'])}".strip()
@@ -398,8 +423,23 @@ def report_text(study: dict, results: list[dict], comparison_md: str) -> str:
         if r.get("at_chance"):
             extra += f" At chance (mean final test accuracy within 1 point of it): {', '.join(r['at_chance'])}."
         lines.append(f"- **{r['hypothesis'].id}** ({r['setting']}): {r['verdict']}: {r['why']}.{extra}")
+    lines += aggregate_lines(study.get("metric", "final_test_acc"), arm_values or {})
     lines.append("\n---\n")
     return "\n".join(lines) + "\n" + comparison_md
+
+
+def aggregate_lines(metric: str, values: dict[str, list[float]]) -> list[str]:
+    """Per arm, the interquartile mean of ``metric`` over every finished run of every setting,
+    with a 95 % bootstrap interval (rliable's aggregate; meta_llr.stats.iqm_ci)."""
+    if not values:
+        return []
+    lines = ["", f"Aggregate over every setting: interquartile mean of `{metric}` per arm with its 95 % "
+             "percentile-bootstrap interval (rliable's recommendation; 2,000 resamples, seed 0).", "",
+             "| arm | runs | IQM [95% CI] |", "|---|---|---|"]
+    for arm, xs in values.items():
+        iqm, low, high = iqm_ci(xs)
+        lines.append(f"| {arm} | {len(xs)} | {_g(iqm, 4)} [{_g(low, 4)}, {_g(high, 4)}] |")
+    return lines
 
 
 def report_study(study: dict, root=None, figures: bool = True) -> tuple[Path, list[dict]]:
@@ -416,7 +456,14 @@ def report_study(study: dict, root=None, figures: bool = True) -> tuple[Path, li
                          target=study.get("target_acc"))
     drawn = write_outputs(comparison, out, title=f"Comparison for study {study['name']}", figures=figures)
     results = judge(study["hypotheses"], comparison)
-    (out / "report.md").write_text(report_text(study, results, markdown(comparison, drawn, "Comparison")))
+    metric = study.get("metric", "final_test_acc")
+    arm_values = {}
+    for setting in comparison.settings:
+        for label, group in setting.groups.items():
+            arm_values.setdefault(label.split(" [")[0], []).extend(group.metric(metric).tolist())
+    differences = grid_differences(study, runs)
+    (out / "report.md").write_text(report_text(study, results, markdown(comparison, drawn, "Comparison"), differences,
+                                               arm_values))
     return out / "report.md", results
 
 

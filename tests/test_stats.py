@@ -177,3 +177,16 @@ def test_power_matches_published_tables_and_the_issue():
     assert tost_power(0.005, 0.05, 3) == 0.0
     assert seeds_needed(0.005, 0.005, equivalence=True) > 17
     assert math.isnan(power_t(0.1, 0.0, 5)) and seeds_needed(0.1, 0.0) is None
+
+
+def test_iqm_and_its_bootstrap_interval():
+    """The interquartile mean is the mean of the middle half; its interval is scipy's bootstrap
+    with a fixed seed (the same report twice), and covers the IQM."""
+    from meta_llr.stats import iqm_ci
+
+    x = [0.1, 0.5, 0.6, 0.7, 0.8, 5.0, 0.55, 0.65]
+    iqm, low, high = iqm_ci(x)
+    middle = sorted(x)[2:6]
+    assert iqm == pytest.approx(sum(middle) / 4) and low <= iqm <= high
+    assert iqm_ci(x) == (iqm, low, high)
+    assert iqm_ci([0.3, 0.3, 0.3]) == (0.3, 0.3, 0.3) and math.isnan(iqm_ci([0.3])[1])
