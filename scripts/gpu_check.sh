@@ -5,7 +5,8 @@
 #   2. the sync check: 50 steps of Run.train_step per controller (fastnet and resnet)
 #      under torch.cuda.set_sync_debug_mode("error");
 #   3. a 10-epoch fastnet run on the CIFAR-10 JPEG copy with trainer.compile=true
-#      -> images/s and test accuracy.
+#      -> images/s and test accuracy;
+#   4. several runs per GPU: 4 short shallow runs one at a time, then 4 at once (joblib).
 #
 # Usage:  scripts/gpu_check.sh [CIFAR_DIR]
 #   CIFAR_DIR (or $CIFAR_DIR): folder with cifar10-train.zip and cifar10-test.zip, or train/ and test/
@@ -81,6 +82,21 @@ EOF
 else
     echo; echo "!! fastnet_cifar10 SKIPPED: no cifar10-train.zip / cifar10-test.zip in $CIFAR_DIR"
     failed+=("fastnet_cifar10")
+fi
+
+# 4. Several runs per GPU (docs/cluster.md): the same 4 short shallow runs on the CIFAR copy,
+#    one at a time and 4 at once through the joblib launcher; the images/s of each way.
+packed() {
+    local n=$1 start=$SECONDS
+    "$PYTHON" -m meta_llr.train -m hydra/launcher=joblib hydra.launcher.n_jobs=$n seed=0,1,2,3 model=shallow \
+        data=imagefolder "data.path=$(cd "$CIFAR_DIR" && pwd)" data.augment.flip=true data.train_subset=10000 \
+        "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda trainer.epochs=2 trainer.checkpoint=false \
+        quiet=true "paths.root=$OUT/packed$n" study=p hydra/job_logging=disabled
+    local took=$((SECONDS - start))
+    echo "packed runs: $n at once: 4 runs x 2 epochs x 10,000 images in ${took}s -> $((80000 / (took > 0 ? took : 1))) images/s"
+}
+if [ -d "$CIFAR_DIR" ]; then
+    part packed_runs bash -c "$(declare -f packed); PYTHON=$PYTHON CIFAR_DIR=$CIFAR_DIR CACHE_DIR=${CACHE_DIR:-} OUT=$OUT; packed 1 && packed 4"
 fi
 
 echo; echo "== summary (${SECONDS}s)"
