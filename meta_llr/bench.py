@@ -76,7 +76,6 @@ import platform
 import sys
 import tempfile
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -313,10 +312,10 @@ def build_variants(model_name: str, controllers: list[str], args, registry, work
         cfg = compose_config([*base, f"controller={name}", *controller_overrides(name, registry[name], workdir / name)])
         run = build_run(cfg, workdir / name, data=data)
         run.eval_splits = {}
-        step = run.train_step
-        if run.dist.active:  # under torchrun: each rank steps on its shard of the global batch (a DDP row)
-            def step(x, y, run=run):
-                run.train_step(run.dist.shard(x), run.dist.shard(y))
+        def sharded(x, y, run=run):  # under torchrun: each rank steps on its shard of the global batch
+            run.train_step(run.dist.shard(x), run.dist.shard(y))
+
+        step = sharded if run.dist.active else run.train_step
         target = None if run.dist.active else ratio_target(name, registry[name])  # targets are one-process
         variants.append(Variant(name, step, target, run=run))
     # The same pre-drawn, augmented batches for every variant.

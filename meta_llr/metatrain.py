@@ -287,11 +287,11 @@ def main(argv: list[str] | None = None) -> None:
             controller.load_flat(torch.as_tensor(theta, dtype=torch.float32))
             controller.save_weights(path)
 
-        evaluate = None
-        if args.launcher:
-            def evaluate(jobs, iteration):
-                return launch_jobs(jobs, Path(args.out) / "launched" / f"iteration{iteration}", args.launcher,
-                                   save_weights)
+        def launched(jobs, iteration):
+            return launch_jobs(jobs, Path(args.out) / "launched" / f"iteration{iteration}", args.launcher,
+                               save_weights)
+
+        evaluate = launched if args.launcher else None
 
         evolve(run_objective, theta0, tasks, args.iterations, args.pairs, args.sigma, args.lr, args.seed,
                args.workers, args.out, args.resume, save_weights, args.threads, args.max_loss,

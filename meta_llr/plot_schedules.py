@@ -142,8 +142,8 @@ def plot_all(out: Path, num_layers: int = 10, epochs: int = 10, steps_per_epoch:
             draw(ax, *panel)
         for ax in axes.flat[len(panels):]:
             ax.axis("off")
-        fig.suptitle(f"Hand-crafted per-layer LR curves: scale_l(t) multiplies the global LR "
-                     f"(one line per layer, first = dark; x: layer frozen from here on)", fontsize=12)
+        fig.suptitle("Hand-crafted per-layer LR curves: scale_l(t) multiplies the global LR "
+                     "(one line per layer, first = dark; x: layer frozen from here on)", fontsize=12)
         path = out / "schedules.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
