@@ -83,6 +83,10 @@ class TrainerConfig:
                       doc="continue the run in the run dir (auto: if there is one, else start; "
                           "false: refuse a dir that holds a run; true: refuse one that does not)")
 
+    def validate(self):
+        if not (isinstance(self.resume, bool) or self.resume == "auto"):  # 1 == True: the choices alone admit it
+            fail("trainer.resume", self.resume, "one of false, true, auto")
+
 
 @dataclass
 class LayersConfig:
