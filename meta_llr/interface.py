@@ -205,7 +205,9 @@ class Controller(ABC):
         """Rewrite the layers' parameters after the optimizer step (see the contract)."""
 
     def records(self) -> dict[str, list[dict]]:
-        """Tables to write as ``<name>.csv`` at each evaluation (host-side)."""
+        """Tables to write as ``<name>.csv`` at each evaluation (host-side). Called exactly once
+        per evaluation, so a controller may append a row per call (its rows belong in its
+        ``state_dict`` then, for resumes)."""
         return {}
 
     def state_dict(self) -> dict:
