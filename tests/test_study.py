@@ -56,6 +56,9 @@ def test_shipped_studies_load():
                                          "overrides": ["controller.first=0.5", "controller.last=1.5"]}
     assert first["grid"]["schedule"] == "step" and first["grid"]["data"] == "imagefolder"
     assert {h.kind for h in first["hypotheses"]} == {"equiv", "<", ">"}
+    powered = load_study("powered_first")  # preregistered with effects: every test has a power
+    assert len(powered["grid"]["seeds"]) == 18 and all(h.effect for h in powered["hypotheses"])
+    assert seeds_needed(0.005, 0.005, equivalence=True) == 18
     smoke = load_study("digits_smoke")
     assert len(smoke["arms"]) == 3 and smoke["grid"]["seeds"] == [0, 1]
 
