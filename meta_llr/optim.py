@@ -1,112 +1,298 @@
-"""The per-layer optimizer: one param group per layer, each LR a 0-d device tensor, and a lean step.
+"""The per-layer optimizer step in a fixed number of kernel launches, whatever the depth.
 
-``layer_optimizer`` builds a ``torch.optim.SGD`` (momentum, Nesterov, weight decay) or
-``torch.optim.AdamW`` with one param group per layer (two when the layer's 1-D parameters get
-another LR or decay), each group's ``lr`` a 0-d view into the loop's ``[2, L]`` tensor
-``group_lrs``, so that ``group_lrs = global_lr[t] * scales`` sets every layer's LR in one op.
+``layer_optimizer`` builds the ``torch.optim.SGD`` (momentum, Nesterov, weight decay) or
+``torch.optim.AdamW`` that holds the run's optimizer *state* in torch's format (one param group
+per layer, split by kind when 1-D parameters get another decay), so checkpoints,
+``state_dict()`` and the lookahead's reading of momentum buffers are torch's.
 
-``FusedStep`` performs that optimizer's step with the same fused kernels torch.optim calls
-(``torch._fused_sgd_`` / ``torch._fused_adamw_``, one call per group, the group's LR tensor
-read on the device) on the state held in ``optimizer.state``, without torch.optim's per-group
-Python bookkeeping (state look-ups, flag checks, hooks; about 20 us per group per step on a
-CPU core, 1.4 ms for the 58 groups of a ResNet-56 against 0.2 ms here), which on a GPU is
-host time the step waits for. The arithmetic, the state and therefore ``state_dict()`` are
-torch's: results are bit-identical to ``optimizer.step()`` (tests/test_optim.py). State is
-created once, up front (zero momentum buffers and Adam moments, step counts 0), which is
-what torch's lazily created first-step state equals: ``0·μ + g = g`` exactly.
-Parameters without a gradient (frozen layers) are skipped, as torch.optim skips them.
+``FlatStep`` performs the step. At construction the parameters are moved into one flat buffer
+(each parameter becomes a view of it with its own strides, channels_last included) and so are
+the state tensors (momentum buffers, Adam moments; the torch optimizer's state entries are views
+of them). Elements are ordered kernels first, then 1-D tensors, layer by layer within each, so
+that "decayed" and "scaled" are prefixes. One step, with ``s = scales`` (``[L]`` on the device),
+``η = global_lr(t)`` (a host float from the precomputed schedule: no sync) and ``ℓ(e)`` the
+layer of element ``e``:
+
+    g   = cat(grads)                          # 1 op (zeros stand in for frozen layers)
+    λ_e = s[ℓ(e)]                             # 1 op: index_select with a fixed int32 index
+    SGD:   g += wd·θ;  b = m·b + g;  g += m·b (Nesterov);  θ -= η·λ⊙g          # 4 ops
+    AdamW: θ -= η·wd·λ⊙θ;  m = lerp(m, g, 1-β1);  v = β2·v + (1-β2)·g²;
+           θ -= (η/bc1)·(λ⊙m) / (√v/√bc2 + ε)                                  # 8 ops
+
+(the formulas of ``torch.optim.SGD`` and ``torch.optim.AdamW``; ``bc_i = 1 - β_i^k`` from the
+host's step count ``k``). That is 6 ops for SGD with Nesterov momentum and weight decay against
+the 1 op of a single fused SGD group, with 58 layers as with 3: each op is one element-wise
+pass over all parameters (on a GPU one launch; ``cat`` of more than 128 tensors takes one per
+128). Cost: an int32 index of one entry per parameter element (param-sized for float32
+parameters), and each step a flat gradient and ``λ`` (transient, two param-sized buffers).
+
+Frozen layers (no gradient) are not stepped, as torch.optim skips them: while any parameter has
+no gradient the step runs "masked" (the set is known on the host, so the masks are rebuilt only
+when it changes): its λ is 0, its weight decay 0, its momentum factor 1 on a zero gradient (the
+buffer keeps its value exactly), its Adam moments unchanged, its Adam step count not advanced
+(per-element bias corrections). A masked step costs 1–6 ops more.
+
+Guarantee: the result equals ``optimizer.step()`` of the torch optimizer with group LRs
+``η·s[layer]`` up to float rounding (tests/test_optim.py: SGD with and without momentum,
+AdamW, decay on 1-D tensors or not, 1-D tensors scaled or not, frozen steps, channels_last).
+The arithmetic is not torch's fused kernel's, so results are not bitwise torch's.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 
-def layer_optimizer(layers: Sequence, group_lrs: torch.Tensor, trainer, scale_1d: bool) -> torch.optim.Optimizer:
-    """One group per layer (or per layer and kind: 0 = tensors of >= 2 dims, 1 = 1-D)."""
+def layer_optimizer(layers: Sequence, trainer, scale_1d: bool) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the state: one group per layer (or per layer and kind:
+    0 = tensors of >= 2 dims, 1 = 1-D) with ``layer``, ``kind`` and ``scaled`` entries."""
     groups = []
-    # Same LR and decay for both kinds (the usual case): one group per layer, as each group
-    # costs one kernel call per step (a fused kernel takes one LR tensor per call).
-    merge = scale_1d and (trainer.decay_1d or trainer.weight_decay == 0)
+    merge = trainer.decay_1d or trainer.weight_decay == 0
     for layer in layers:
         kernels, others = [p for p in layer.params if p.dim() > 1], [p for p in layer.params if p.dim() <= 1]
-        for kind, params in (((0, kernels + others),) if merge else ((0, kernels), (1, others))):
+        for kind, params in (((0, kernels + others),) if merge and scale_1d else ((0, kernels), (1, others))):
             if params:
                 decay = trainer.weight_decay if kind == 0 or trainer.decay_1d else 0.0
-                groups.append({"params": params, "lr": group_lrs[kind, layer.index],
-                               "weight_decay": decay, "layer": layer.index, "kind": kind})
+                groups.append({"params": params, "weight_decay": decay, "layer": layer.index, "kind": kind,
+                               "scaled": kind == 0 or scale_1d})
     if trainer.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=trainer.lr, momentum=trainer.momentum,
                                nesterov=bool(trainer.nesterov and trainer.momentum > 0),
-                               weight_decay=trainer.weight_decay, fused=True)
-    return torch.optim.AdamW(groups, lr=trainer.lr, betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
-                             fused=True)
+                               weight_decay=trainer.weight_decay)
+    return torch.optim.AdamW(groups, lr=trainer.lr, betas=tuple(trainer.betas), weight_decay=trainer.weight_decay)
 
 
-def link_group_lrs(optimizer: torch.optim.Optimizer, group_lrs: torch.Tensor) -> None:
-    """Point every group's LR at its entry of ``group_lrs`` again (after ``load_state_dict``)."""
-    for group in optimizer.param_groups:
-        group["lr"] = group_lrs[group["kind"], group["layer"]]
+def memory_order(t: torch.Tensor) -> list[int]:
+    """The dims of a dense tensor by decreasing stride: ``t.permute(order)`` is contiguous."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
-class FusedStep:
-    """``step()`` = ``optimizer.step()`` for a fused SGD or AdamW built by :func:`layer_optimizer`.
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements in memory order, as a 1-D view."""
+    return t.permute(memory_order(t)).view(-1)
 
-    Build it again after ``optimizer.load_state_dict`` (which replaces the state tensors).
+
+def shaped_like(piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A view of the 1-D ``piece`` with ``like``'s shape and strides (its memory order)."""
+    order = memory_order(like)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return piece.view([like.shape[d] for d in order]).permute(inverse)
+
+
+def parameter_order(layers: Sequence) -> list[torch.Tensor]:
+    """The flat buffer's order: kernels (>= 2-D) first, then 1-D tensors, layer by layer in each."""
+    return ([p for layer in layers for p in layer.params if p.dim() > 1]
+            + [p for layer in layers for p in layer.params if p.dim() <= 1])
+
+
+def flatten_(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Move the parameters' storage into one new flat buffer (each becomes a view of it with its
+    own shape and strides, values unchanged) and return the buffer. Do it before anything keeps
+    a ``p.detach()`` or ``p.data`` of them: those would still see the old storage."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or not params[0].is_floating_point():
+        raise ValueError(f"a flat step needs parameters of one floating dtype, got {sorted(map(str, dtypes))}")
+    if any(p.is_sparse or not _dense(p) for p in params):
+        raise ValueError("a flat step needs dense parameters (no overlapping or strided views)")
+    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    with torch.no_grad():
+        for p, piece in zip(params, flat.split([p.numel() for p in params])):
+            view = shaped_like(piece, p)
+            view.copy_(p)
+            p.data = view
+    return flat
+
+
+class FlatStep:
+    """``step(scales, global_lr)``: the torch optimizer's step with group LRs ``global_lr·scales[layer]``.
+
+    ``flat``: the buffer :func:`flatten_` moved the parameters into, in :func:`parameter_order`
+    (the run does this before the controller sees the parameters); without it the parameters
+    are moved here. ``sync_state()`` before ``optimizer.state_dict()``, ``load_state()`` after
+    ``optimizer.load_state_dict()``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
-        self.adam = isinstance(optimizer, torch.optim.AdamW)
+    def __init__(self, optimizer: torch.optim.Optimizer, num_layers: int, flat: torch.Tensor | None = None):
         defaults = optimizer.defaults
-        if not defaults.get("fused") or defaults.get("maximize") or defaults.get("amsgrad") \
-                or defaults.get("dampening", 0) or defaults.get("capturable") or defaults.get("differentiable"):
-            raise ValueError("FusedStep steps fused SGD/AdamW without maximize, amsgrad, dampening, capturable")
-        self.groups = []   # (params, state tensor lists, lr tensor, weight decay)
-        for group in optimizer.param_groups:
-            states = [self._state(p) for p in group["params"]]
+        if defaults.get("maximize") or defaults.get("amsgrad") or defaults.get("dampening", 0):
+            raise ValueError("FlatStep steps SGD/AdamW without maximize, amsgrad, dampening")
+        self.optimizer, self.num_layers = optimizer, num_layers
+        self.adam = isinstance(optimizer, torch.optim.AdamW)
+        entries = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+        # kernels first, then 1-D tensors; layer by layer within each (groups are in layer order)
+        entries.sort(key=lambda e: (e[0].dim() <= 1, e[1]["layer"]))
+        self.params = [p for p, _ in entries]
+        sizes = [p.numel() for p in self.params]
+        self.sizes, self.numel = sizes, sum(sizes)
+        decayed = [g["weight_decay"] > 0 for _, g in entries]
+        scaled = [g["scaled"] for _, g in entries]
+        if decayed != sorted(decayed, reverse=True) or scaled != sorted(scaled, reverse=True):
+            raise ValueError("decayed and scaled tensors must come first")  # true of layer_optimizer's groups
+        self.decay = max((g["weight_decay"] for _, g in entries), default=0.0)
+        self.n_decayed = sum(n for n, d in zip(sizes, decayed) if d)
+        self.n_scaled = sum(n for n, s in zip(sizes, scaled) if s)
+        self.layer_of = [g["layer"] for _, g in entries]
+        self.scaled = scaled
+        device = self.params[0].device
+        self.device, self.dtype = device, self.params[0].dtype
+
+        if flat is None:
+            flat = flatten_(self.params)
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        if flat.numel() != self.numel or any(p.data_ptr() != flat[o:].data_ptr() for p, o in zip(self.params, offsets)):
+            raise ValueError("the parameters are not laid out in flat as parameter_order lays them out")
+        self.flat = flat
+        n_state = 2 if self.adam else (1 if defaults["momentum"] else 0)
+        self.buffers = [torch.zeros(self.numel, dtype=self.dtype, device=device) for _ in range(n_state)]
+        self.steps = [0] * len(self.params)   # AdamW: each parameter's step count, on the host
+        self._link_state()
+        self.zeros: torch.Tensor | None = None   # stand-in gradients of frozen parameters
+        self.slot_tail = torch.tensor([0.0, 1.0], dtype=self.dtype, device=device)  # slots L, L+1
+        self.plain = all(scaled)   # every element's λ is its layer's scale (until a layer freezes)
+        self.index = self._index([True] * len(self.params))
+        self.active: tuple[bool, ...] | None = None   # the has-gradient pattern the masks are built for
+        self.masks: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ layout
+    def _views(self, flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [shaped_like(piece, p) for piece, p in zip(flat.split(self.sizes), like)]
+
+    def _link_state(self) -> None:
+        """Point the torch optimizer's state entries at views of the flat state buffers."""
+        keys = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer",)
+        per_key = [self._views(buffer, self.params) for buffer in self.buffers]
+        for i, p in enumerate(self.params):
+            state = self.optimizer.state[p]
+            for key, views in zip(keys, per_key):
+                state[key] = views[i]
             if self.adam:
-                lists = tuple([s[k] for s in states] for k in ("exp_avg", "exp_avg_sq", "step"))
-            else:
-                lists = ([s["momentum_buffer"] for s in states] if defaults["momentum"] else [],)
-            self.groups.append((list(group["params"]), lists, group["lr"], group["weight_decay"]))
-        self.steps = [s for _, lists, _, _ in self.groups for s in lists[2]] if self.adam else []
+                state["step"] = torch.tensor(float(self.steps[i]), device=self.device)
 
-    def _state(self, p: torch.Tensor) -> dict:
-        state = self.optimizer.state[p]
+    def _index(self, active: Sequence[bool]) -> torch.Tensor:
+        """Element -> slot of ``[scales, 0, 1]``: its layer, ``L`` (frozen), ``L+1`` (unscaled)."""
+        L = self.num_layers
+        slots = [(layer if s else L + 1) if a else L for layer, s, a in zip(self.layer_of, self.scaled, active)]
+        counts = torch.tensor(self.sizes)
+        return torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), counts).to(self.device)
+
+    def param_lrs(self, scales: torch.Tensor, global_lr: float) -> dict[torch.Tensor, float]:
+        """Each parameter's LR in a step given ``scales`` (host values, for inspection and tests)."""
+        lam = torch.cat([scales.to(self.dtype), self.slot_tail])[self.index]
+        starts = torch.tensor([0, *self.sizes[:-1]]).cumsum(0).tolist()
+        return dict(zip(self.params, (lam[starts] * global_lr).tolist()))
+
+    # ------------------------------------------------------------------ state
+    def sync_state(self) -> None:
+        """Write the host step counts into the torch optimizer's state (before ``state_dict()``)."""
         if self.adam:
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif self.optimizer.defaults["momentum"] and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+            for p, k in zip(self.params, self.steps):
+                self.optimizer.state[p]["step"].fill_(float(k))
 
-    @torch.no_grad()
-    def step(self) -> None:
-        work, complete = [], True
-        for params, lists, lr, decay in self.groups:
-            grads = [p.grad for p in params]
-            if not all(g is not None for g in grads):    # frozen layer: no gradient, no step
-                keep = [i for i, g in enumerate(grads) if g is not None]
-                complete = False
-                if not keep:
-                    continue
-                params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-                lists = tuple([values[i] for i in keep] if values else values for values in lists)
-            work.append((params, grads, lists, lr, decay))
+    def load_state(self) -> None:
+        """Take the state ``optimizer.load_state_dict`` installed into the flat buffers."""
+        keys = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer",)
+        with torch.no_grad():
+            for key, buffer in zip(keys, self.buffers):
+                for p, view in zip(self.params, self._views(buffer, self.params)):
+                    value = self.optimizer.state.get(p, {}).get(key)
+                    view.copy_(value if value is not None else torch.zeros_like(view))
+        if self.adam:
+            self.steps = [int(self.optimizer.state.get(p, {}).get("step", torch.zeros(())).item()) for p in self.params]
+        self._link_state()
+        self.active = None
+
+    # ------------------------------------------------------------------ the step
+    def _masks(self, active: tuple[bool, ...]) -> None:
+        """Per-element factors for a step in which some parameters have no gradient."""
+        self.active = active
+        self.index = self._index(active)
+        self.masks = {}
+        if all(active) and len(set(self.steps)) == 1:
+            return   # nothing to mask (unscaled 1-D tensors are the slot index's job)
+        on = torch.repeat_interleave(torch.tensor(active, dtype=self.dtype),
+                                     torch.tensor(self.sizes)).to(self.device)
+        if not all(active):
+            decayed = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            decayed[:self.n_decayed] = self.decay
+            self.masks["decay"] = decayed * on
         defaults = self.optimizer.defaults
         if self.adam:
             beta1, beta2 = defaults["betas"]
-            torch._foreach_add_(self.steps if complete else [s for w in work for s in w[2][2]], 1)
-            for params, grads, (exp_avg, exp_avg_sq, steps), lr, decay in work:
-                torch._fused_adamw_(params, grads, exp_avg, exp_avg_sq, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                                    weight_decay=decay, eps=defaults["eps"], amsgrad=False, maximize=False,
-                                    grad_scale=None, found_inf=None)
+            self.masks["beta1"] = (1 - beta1) * on           # lerp weight: 0 keeps m
+            self.masks["beta2"] = 1 - (1 - beta2) * on       # 1 keeps v
+            self.masks["on"] = on
+            self.masks["steps"] = torch.repeat_interleave(torch.tensor(self.steps, dtype=torch.float64),
+                                                          torch.tensor(self.sizes)).to(self.device)
+        elif defaults["momentum"]:
+            self.masks["momentum"] = 1 - (1 - defaults["momentum"]) * on   # 1 keeps the buffer
+
+    @torch.no_grad()
+    def step(self, scales: torch.Tensor, global_lr: float) -> None:
+        grads = [p.grad for p in self.params]
+        active = tuple(g is not None for g in grads)
+        if active != self.active:
+            self._masks(active)
+            self.plain = all(active) and all(self.scaled)
+            if not all(active) and self.zeros is None:
+                self.zeros = torch.zeros(max(self.sizes), dtype=self.dtype, device=self.device)
+        g = torch.cat([flat_view(x) if x is not None else self.zeros[:n] for x, n in zip(grads, self.sizes)])
+        scales = scales.to(self.dtype)
+        lam = (scales if self.plain else torch.cat([scales, self.slot_tail]))[self.index]
+        theta, masks, defaults = self.flat, self.masks, self.optimizer.defaults
+        if self.adam:
+            self._adamw(theta, g, lam, global_lr, masks, defaults, active)
         else:
-            for params, grads, (momentum_buffers,), lr, decay in work:
-                torch._fused_sgd_(params, grads, momentum_buffers, weight_decay=decay, momentum=defaults["momentum"],
-                                  lr=lr, dampening=0.0, nesterov=defaults["nesterov"], maximize=False,
-                                  is_first_step=False, grad_scale=None, found_inf=None)
+            self._sgd(theta, g, lam, global_lr, masks, defaults)
+
+    def _sgd(self, theta, g, lam, lr, masks, defaults) -> None:
+        if self.decay:
+            if "decay" in masks:
+                g.addcmul_(theta, masks["decay"])
+            else:
+                g[:self.n_decayed].add_(theta[:self.n_decayed], alpha=self.decay)
+        momentum = defaults["momentum"]
+        if momentum:
+            buf = self.buffers[0]
+            if "momentum" in masks:
+                torch.addcmul(g, buf, masks["momentum"], out=buf)
+            else:
+                torch.add(g, buf, alpha=momentum, out=buf)
+            if defaults["nesterov"]:
+                g.add_(buf, alpha=momentum)
+            else:
+                g = buf
+        theta.addcmul_(g, lam, value=-lr)
+
+    def _adamw(self, theta, g, lam, lr, masks, defaults, active) -> None:
+        beta1, beta2 = defaults["betas"]
+        m, v = self.buffers
+        self.steps = [k + 1 if a else k for k, a in zip(self.steps, active)]
+        if self.decay:
+            n = self.n_decayed
+            if "decay" in masks:
+                theta.addcmul_(theta * lam, masks["decay"], value=-lr)
+            else:
+                theta[:n].addcmul_(theta[:n], lam[:n], value=-lr * self.decay)
+        if "beta1" in masks:
+            m.lerp_(g, masks["beta1"])
+            v.mul_(masks["beta2"]).addcmul_(g, g, value=1 - beta2)
+            steps = masks["steps"].add_(masks["on"]).clamp(min=1)
+            bc1 = 1 - torch.pow(beta1, steps)
+            bc2 = (1 - torch.pow(beta2, steps)).sqrt_()
+            denom = v.sqrt().div_(bc2).add_(defaults["eps"])
+            theta.addcdiv_(m * lam / bc1, denom, value=-lr)
+            return
+        k = self.steps[0]
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt().div_(math.sqrt(1 - beta2 ** k)).add_(defaults["eps"])
+        theta.addcdiv_(m * lam, denom, value=-lr / (1 - beta1 ** k))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous."""
+    return t.permute(memory_order(t)).is_contiguous()

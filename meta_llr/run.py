@@ -4,16 +4,15 @@ trains. ``python -m meta_llr.train`` (:mod:`meta_llr.train`), the Python API
 (:func:`meta_llr.fit`), the bench and meta-training all run through here.
 
 Read top to bottom: data on the device, model and its layers, the global LR
-table, the controller, the optimizer (one param group per layer, split by parameter kind when
-1-D parameters get another LR or decay, each with a 0-d LR tensor that is a view into one
-``[2, L]`` device tensor), then the step:
+table, the controller, the optimizer (torch's SGD or AdamW holding the state, one param group
+per layer; the step is :class:`meta_llr.optim.FlatStep`, a fixed number of element-wise ops
+over all parameters in one flat buffer), then the step:
 
     controller.trainable(step)                          # freezing, before the forward
     loss = cross_entropy(model(augment(x)), y); loss.backward()
     (statistics the controller needs, batched)          # torch._foreach_norm & co
     scales = controller.scales(step)                    # [L] on the device; may read p.grad
-    group_lrs = global_lr[step] * scales                # one op, no host sync
-    fused_step.step()                                   # fused SGD/AdamW kernels, tensor LRs
+    flat_step.step(scales, global_lr[step])             # LR of layer l: global_lr * scales[l]
     controller.observe(step, stats)
 
 Metrics reach the host once per log interval and per evaluation, never inside a step.
@@ -48,7 +47,7 @@ from meta_llr.interface import STATS, Controller, Lookahead, OptimizerSpec, Plan
 from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import Logger, make_logger
 from meta_llr.models import build_model
-from meta_llr.optim import FusedStep, layer_optimizer, link_group_lrs
+from meta_llr.optim import FlatStep, flatten_, layer_optimizer, parameter_order
 from meta_llr.per_layer import PerLayer
 from meta_llr.registry import build_controller
 from meta_llr.schedules import lr_factors
@@ -58,6 +57,8 @@ from meta_llr.records import CONFIG, ENV, LAYERS, METRICS, SUMMARY, RunRecords, 
 # handler is installed for it before the run (submitit's), which is then called after the checkpoint.
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
+
+PENDING_STEPS = 32  # steps whose loss and logits wait for the next log point, at most
 
 class Run:
     """One training run; everything it needs to continue is in ``state_dict()``."""
@@ -91,6 +92,9 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
         traced = trace_layers(self.model, self.normalize(self.train_x[:2]))
         self.layers, group_of = group_layers(traced, cfg.layers.groups)
+        # The parameters live in one flat buffer (the optimizer step's), from here on: before a
+        # controller or a statistic keeps views of them.
+        self.flat_params = flatten_(parameter_order(self.layers))
         self.layer_rows = layer_table(traced, group_of)
         self.forward = torch.compile(self.model) if t.compile else self.model
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
@@ -113,6 +117,7 @@ class Run:
         self.lookahead_gen = torch.Generator(device=device)
         self.lookahead_gen.manual_seed(int(cfg.seed) + 1)  # its own stream: the training order is unchanged
         self.lr_host = lr_table.cpu()
+        self.lr_floats = self.lr_host.tolist()  # the optimizer's global LR, known on the host: no sync
 
         # The controller.
         self.controller = controller
@@ -124,6 +129,15 @@ class Run:
         self.observes = "observe" in hooks
         self.controls_trainable = "trainable" in hooks
         self.transforms = "transform_update" in hooks
+        # Optimizer: torch's, one group per layer (split by kind when 1-D tensors get another
+        # decay or LR), holding the state; the step is FlatStep's (the parameters move into its
+        # flat buffer here, before DDP sees them).
+        num_layers = len(self.layers)
+        self.scale_1d = bool(self.controller.scale_1d)
+        self.optimizer = layer_optimizer(self.layers, t, self.scale_1d)
+        self.flat_step = FlatStep(self.optimizer, num_layers, self.flat_params)
+        self.plan.lookahead.optimizer = self.optimizer
+
         if dist.active:  # gradients averaged across ranks; frozen layers leave parameters unused
             from torch.nn.parallel import DistributedDataParallel
 
@@ -131,14 +145,6 @@ class Run:
                                           find_unused_parameters=self.controls_trainable)
             self.forward = torch.compile(ddp) if t.compile else ddp
 
-        # Optimizer: per layer, one group (or one for >=2-D tensors and one for 1-D tensors),
-        # each with its LR a 0-d view into group_lrs[kind, layer].
-        num_layers = len(self.layers)
-        self.group_lrs = torch.zeros(2, num_layers, device=device)
-        self.scale_1d = bool(self.controller.scale_1d)
-        self.optimizer = layer_optimizer(self.layers, self.group_lrs, t, self.scale_1d)
-        self.fused_step = FusedStep(self.optimizer)  # optimizer.step(), minus torch.optim's per-group Python
-        self.plan.lookahead.optimizer = self.optimizer
 
         # Per-step statistics machinery: a flat list of params with their layer index, and one
         # buffer holding the weights before the step (later the negated update) when needed.
@@ -161,6 +167,7 @@ class Run:
         self.step = self.epoch = self.position = 0
         self.order: torch.Tensor | None = None
         self.loss_sum = torch.zeros((), device=device)
+        self.pending: list[tuple] = []  # (loss, logits, labels) of steps not yet in loss_sum / correct
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.seen = 0
         self.best = {}
@@ -280,17 +287,12 @@ class Run:
             scales = self.dist.broadcast_(scales.clone())
 
         with torch.no_grad():  # the update: outside autograd
-            if self.scale_1d:
-                torch.mul(scales.expand(2, -1), global_lr, out=self.group_lrs)
-            else:
-                torch.mul(scales, global_lr, out=self.group_lrs[0])
-                self.group_lrs[1].copy_(global_lr)
             if step % self.trace_every == 0:  # the scales as used now (a controller may reuse its tensor)
                 self.trace[step // self.trace_every].copy_(scales)
             prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
             if prev is not None:
                 torch._foreach_copy_(prev, self.params)
-            self.fused_step.step()
+            self.flat_step.step(scales, self.lr_floats[step])
             if self.transforms:
                 controller.transform_update(step, self.prev_by_layer)
             if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
@@ -310,9 +312,10 @@ class Run:
             if self.dist.active:
                 self.loss_sum.add_(loss_sum)
                 self.correct.add_(correct.long())
-            else:
-                self.loss_sum.add_(loss.detach(), alpha=len(y))
-                self.correct.add_((out.argmax(1) == y).sum())
+            else:  # counted at the next log point (_settle): no op per step here
+                self.pending.append((loss.detach(), out.detach(), y))
+                if len(self.pending) >= PENDING_STEPS:
+                    self._settle()
             self.seen += self.global_batch if self.dist.active else len(y)
         self.step += 1
 
@@ -330,9 +333,25 @@ class Run:
             yield self.dist.shard(x), self.dist.shard(self.train_y[index])
         self.order, self.position = None, 0
 
+    def _settle(self) -> None:
+        """Add the pending steps' losses (``Σ n·loss``) and correct predictions into ``loss_sum``
+        and ``correct``: a few ops per log interval (or per ``PENDING_STEPS``) instead of five
+        per step. The pending outputs are the steps' detached logits (no graph)."""
+        if not self.pending:
+            return
+        losses, outputs, labels = zip(*self.pending)
+        by_size: dict[int, list] = {}
+        for loss, y in zip(losses, labels):
+            by_size.setdefault(len(y), []).append(loss)
+        for size, group in by_size.items():
+            self.loss_sum.add_(torch.stack(group).sum(), alpha=size)
+        self.correct.add_(torch.cat(outputs).argmax(1).eq(torch.cat(labels)).sum())
+        self.pending = []
+
     def log_interval(self) -> torch.Tensor:
         """Close the log interval ending at this step: its mean training loss (0-d, on the
         device, no sync) goes to row ``loss_logged`` of ``loss_log``."""
+        self._settle()
         mean = (self.loss_sum - self.loss_base) / max(self.seen - self.seen_base, 1)
         self.loss_log[self.loss_logged] = mean
         self.loss_base.copy_(self.loss_sum)
@@ -345,6 +364,7 @@ class Run:
         transfer, at log points and epoch ends only. ``interval_loss`` (a log interval's mean,
         from :meth:`log_interval`) is also checked against ``divergence_factor`` times the
         first interval's; without it only finiteness is checked."""
+        self._settle()
         finite = torch.isfinite(self.loss_sum)
         if interval_loss is None:
             return None if bool(finite.item()) else "non_finite"
@@ -376,6 +396,7 @@ class Run:
         """Evaluate and write the records. At an epoch's end ``epoch`` is the epoch count (an
         int); inside an epoch (``eval_every_steps``) the fraction ``step / steps_per_epoch``,
         and the per-layer diagnostics (taken at an epoch's last step) are not repeated."""
+        self._settle()
         mid_epoch = self.position != 0
         epoch = round(self.step / self.steps_per_epoch, 6) if mid_epoch else self.epoch
         row = {"epoch": epoch, "step": self.step,
@@ -606,6 +627,8 @@ class Run:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        self._settle()
+        self.flat_step.sync_state()
         return {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "model": self.model.state_dict(),
@@ -629,8 +652,7 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.set_trainable(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
-        link_group_lrs(self.optimizer, self.group_lrs)
-        self.fused_step = FusedStep(self.optimizer)
+        self.flat_step.load_state()
         self.controller.load_state_dict(state["controller"])
         self.gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -638,6 +660,7 @@ class Run:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.order = state["order"]
+        self.pending = []
         self.loss_sum.copy_(state["loss_sum"])
         self.correct.copy_(state["correct"])
         self.seen = state["seen"]

@@ -216,13 +216,13 @@ def test_soft_freeze():
 def train_steps(run, epochs):
     """Step the loop by hand; per step, the weights after it and which params had a gradient."""
     had_grad, weights, masks = [], [], []
-    step_optimizer = run.fused_step.step
+    step_optimizer = run.flat_step.step
 
     def step_and_record(*args, **kwargs):
         had_grad.append([[p.grad is not None for p in layer.params] for layer in run.layers])
         return step_optimizer(*args, **kwargs)
 
-    run.fused_step.step = step_and_record
+    run.flat_step.step = step_and_record
     for _ in range(epochs):
         for x, y in run.batches():
             run.train_step(x, y)

@@ -81,6 +81,14 @@ def test_contract(name, tmp_path, monkeypatch):
         return scales
 
     monkeypatch.setattr(controller, "scales", scales_spy)
+    stepped = []  # what the optimizer step was given: (scales, global LR)
+    original_step = run.flat_step.step
+
+    def step_spy(scales, global_lr):
+        stepped.append((scales.clone(), global_lr))
+        return original_step(scales, global_lr)
+
+    monkeypatch.setattr(run.flat_step, "step", step_spy)
     steps_checked = 0
     for x, y in run.batches():
         step = run.step
@@ -101,10 +109,9 @@ def test_contract(name, tmp_path, monkeypatch):
                 "a zero scale is only allowed for a layer reported frozen by trainable()"
         # The trace is the truth: its row is the scales used, and so are the optimizer's LRs.
         assert torch.equal(run.trace[step], scales), "llr.csv must hold the scales used at this step"
-        global_lr = run.plan.lr_table[step]
-        for group in run.optimizer.param_groups:
-            expected = scales[group["layer"]] * global_lr if group["kind"] == 0 or controller.scale_1d else global_lr
-            assert torch.equal(group["lr"], expected), f"layer {group['layer']}: LR used != global_lr * scale"
+        given, global_lr = stepped[-1]
+        assert torch.equal(given, scales), "the optimizer must step with the scales scales(step) returned"
+        assert global_lr == float(run.plan.lr_table[step]), "the optimizer's global LR must be global_lr(step)"
         steps_checked += 1
     assert steps_checked == run.steps_per_epoch
     for keys in seen_stats:
