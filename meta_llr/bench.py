@@ -505,6 +505,84 @@ def misses(rows: list[dict]) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- replicas
+def measure_replicas(model_name: str, controllers: list[str], args, workdir: Path) -> list[dict]:
+    """Per controller: S replicas stepped together (:mod:`meta_llr.replicas`) against one run
+    stepped S times (S sequential runs), the same batches, interleaved blocks as above. Images/s
+    across the replicas vs the sequential runs (``speedup``, issue 16's target: >= 4 at S = 16
+    on a GPU) and the kernel ops of one step of each."""
+    from meta_llr.data import Split, load_data
+    from meta_llr.replicas import build_replicas
+    from meta_llr.run import build_run
+
+    S, device = args.replicas, torch.device(args.device)
+    base = [*data_overrides(args.data, args.synthetic_size), *model_overrides(model_name), f"device={args.device}",
+            "quiet=true", f"trainer.batch_size={args.batch}", "trainer.checkpoint=false", "logger=[csv]"]
+    first = compose_config([*base, "controller=uniform"])
+    data = load_data(first.data)
+    for split in ("train", "test", "val"):
+        if getattr(data, split) is not None:
+            setattr(data, split, Split(getattr(data, split).x.to(device), getattr(data, split).y.to(device)))
+    steps_per_epoch = math.ceil(len(data.train) / args.batch)
+    base.append(f"trainer.epochs={math.ceil((args.warmup + 2 * args.steps + 4) * args.replicas / steps_per_epoch) + 1}")
+    rows = []
+    for name in controllers:
+        cfg = compose_config([*base, f"controller={name}"])
+        group = build_replicas(compose_config([*base, f"controller={name}", f"replicas={S}"]),
+                               [workdir / f"{name}-r{i}" for i in range(S)], data=data)
+        single = build_run(cfg, workdir / f"{name}-single", data=data)
+        def forever(run):  # batches() ends with its epoch
+            while True:
+                yield from run.batches()
+
+        draws = [forever(run) for run in group.runs]
+        one = forever(single)
+
+        def group_step():
+            group.train_step({i: next(d) for i, d in enumerate(draws)})
+
+        def single_steps():
+            for _ in range(S):
+                single.train_step(*next(one))
+
+        def timed(step) -> float:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - started) * 1e3
+
+        for _ in range(args.warmup + 1):
+            group_step()
+            single_steps()
+        group_ms, single_ms = [], []
+        for _ in range(args.steps):
+            group_ms.append(timed(group_step))
+            single_ms.append(timed(single_steps))
+        counter = _OpCounter()
+        with counter:
+            group_step()
+        group_ops = counter.kernels
+        counter = _OpCounter()
+        with counter:
+            single.train_step(*next(one))
+        g, q = float(np.median(group_ms)), float(np.median(single_ms))
+        rows.append({"model": model_name, "controller": name, "device": device.type, "replicas": S,
+                     "batch": args.batch, "steps_timed": args.steps,
+                     "replicas_step_ms": round(g, 3), "sequential_steps_ms": round(q, 3),
+                     "images_per_s_replicas": round(S * args.batch / (g / 1e3), 1),
+                     "images_per_s_sequential": round(S * args.batch / (q / 1e3), 1),
+                     "speedup": round(q / g, 3), "kernel_ops_replicas": group_ops,
+                     "kernel_ops_single_run": counter.kernels})
+        print(f"{model_name:<10} {name:<16} S={S}: {g:9.1f} ms together vs {q:9.1f} ms for {S} sequential steps: "
+              f"{q / g:5.2f}x; kernel ops {group_ops} vs {counter.kernels} per run-step", flush=True)
+        del group, single
+        gc.collect()
+    return rows
+
+
 # ----------------------------------------------------------------------------- sync check
 def sync_check(model_name: str, controllers: list[str], args, registry, workdir: Path) -> list[str]:
     """``SYNC_CHECK_STEPS`` steps per controller with CUDA sync debug mode "error"; the failures."""
@@ -564,6 +642,9 @@ def parse_args(argv):
     parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
                         help="CPU only: 'thread' times the CPU time of the main thread (use with --threads 1): "
                              "insensitive to other processes on a shared machine, not a wall-clock speed")
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="S > 1: instead of the ratio table, S replicas in one process against S sequential "
+                             "runs (images/s, kernel ops) for --controllers (default uniform)")
     parser.add_argument("--sync-check", action="store_true",
                         help=f"instead of timing: {SYNC_CHECK_STEPS} steps per controller under "
                              "torch.cuda.set_sync_debug_mode('error')")
@@ -571,6 +652,8 @@ def parse_args(argv):
     for key, value in DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.replicas == 1 or args.replicas < 0:
+        raise UserError(f"--replicas must be >= 2 (or 0: off), got {args.replicas}")
     for key in ("steps", "batch", "block", "synthetic_size", "plan_epochs"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
@@ -594,7 +677,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     registry = available()
     if args.controllers == "all":
-        controllers = list(registry)
+        controllers = ["uniform"] if args.replicas else list(registry)
     else:
         controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
         unknown = [c for c in controllers if c not in registry]
@@ -618,6 +701,11 @@ def main(argv=None) -> int:
                 failures += sync_check(m, controllers, args, registry, Path(tmp) / m)
             print("sync-check: " + ("all passed" if not failures else "FAILED\n  " + "\n  ".join(failures)))
             return 1 if failures else 0
+        if args.replicas:
+            rows = [row for m in models for row in measure_replicas(m, controllers, args, Path(tmp) / m)]
+            (out / "bench_replicas.json").write_text(json.dumps(rows, indent=1) + "\n")
+            print(f"wrote {out / 'bench_replicas.json'}")
+            return 0
         rows = []
         for m in models:
             rows += measure(m, controllers, args, registry, Path(tmp) / m)

@@ -133,6 +133,7 @@ class Config:
     schedule: Any = MISSING
     study: str = opt("default", free=True, doc="runs/<study>/... groups related runs")
     seed: int = opt(0, ge=0)
+    replicas: int = opt(1, ge=1, le=256, doc="S > 1: S runs with seeds seed..seed+S-1 in one process (meta_llr.replicas)")
     device: str = opt("auto", free=True, doc="auto | cpu | cuda | cuda:N")
     quiet: bool = opt(False, free=True, doc="no progress bar or layer table (sweeps)")
     layers: LayersConfig = field(default_factory=LayersConfig)

@@ -87,16 +87,18 @@ def parameter_order(layers: Sequence) -> list[torch.Tensor]:
             + [p for layer in layers for p in layer.params if p.dim() <= 1])
 
 
-def flatten_(params: Sequence[torch.Tensor]) -> torch.Tensor:
+def flatten_(params: Sequence[torch.Tensor], into=None) -> torch.Tensor:
     """Move the parameters' storage into one new flat buffer (each becomes a view of it with its
     own shape and strides, values unchanged) and return the buffer. Do it before anything keeps
-    a ``p.detach()`` or ``p.data`` of them: those would still see the old storage."""
+    a ``p.detach()`` or ``p.data`` of them: those would still see the old storage. ``into(numel,
+    dtype, device)``, if given, supplies the buffer (a row of the replicas' ``[S, N]`` one)."""
     dtypes = {p.dtype for p in params}
     if len(dtypes) != 1 or not params[0].is_floating_point():
         raise ValueError(f"a flat step needs parameters of one floating dtype, got {sorted(map(str, dtypes))}")
     if any(p.is_sparse or not _dense(p) for p in params):
         raise ValueError("a flat step needs dense parameters (no overlapping or strided views)")
-    flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    numel, dtype, device = sum(p.numel() for p in params), params[0].dtype, params[0].device
+    flat = into(numel, dtype, device) if into is not None else torch.empty(numel, dtype=dtype, device=device)
     with torch.no_grad():
         for p, piece in zip(params, flat.split([p.numel() for p in params])):
             view = shaped_like(piece, p)
@@ -112,18 +114,27 @@ class FlatStep:
     (the run does this before the controller sees the parameters); without it the parameters
     are moved here. ``sync_state()`` before ``optimizer.state_dict()``, ``load_state()`` after
     ``optimizer.load_state_dict()``.
+
+    Replicas (:mod:`meta_llr.replicas`): ``optimizer`` a list of S optimizers of identical
+    layout, ``flat`` their ``[S, N]`` buffer (row i holds replica i's parameters), ``stacked``
+    the ``[S, *shape]`` leaves the batched backward writes gradients to, in the same order;
+    ``scales`` is then ``[S, L]``. Every op is then one op over ``[S, N]``: the count per step
+    does not grow with S. The replicas share the trainable mask and the step counts.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, num_layers: int, flat: torch.Tensor | None = None):
-        defaults = optimizer.defaults
+    def __init__(self, optimizer, num_layers: int, flat: torch.Tensor | None = None,
+                 stacked: Sequence[torch.Tensor] | None = None):
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        first = optimizers[0]
+        defaults = first.defaults
         if defaults.get("maximize") or defaults.get("amsgrad") or defaults.get("dampening", 0):
             raise ValueError("FlatStep steps SGD/AdamW without maximize, amsgrad, dampening")
-        self.optimizer, self.num_layers = optimizer, num_layers
-        self.adam = isinstance(optimizer, torch.optim.AdamW)
-        entries = [(p, g) for g in optimizer.param_groups for p in g["params"]]
-        # kernels first, then 1-D tensors; layer by layer within each (groups are in layer order)
-        entries.sort(key=lambda e: (e[0].dim() <= 1, e[1]["layer"]))
+        self.optimizer, self.optimizers, self.num_layers = first, optimizers, num_layers
+        self.adam = isinstance(first, torch.optim.AdamW)
+        orders = [self._order(o) for o in optimizers]
+        entries = orders[0]
         self.params = [p for p, _ in entries]
+        self.rows = [[p for p, _ in order] for order in orders]   # each replica's parameters, in order
         sizes = [p.numel() for p in self.params]
         self.sizes, self.numel = sizes, sum(sizes)
         decayed = [g["weight_decay"] > 0 for _, g in entries]
@@ -132,22 +143,26 @@ class FlatStep:
             raise ValueError("decayed and scaled tensors must come first")  # true of layer_optimizer's groups
         self.decay = max((g["weight_decay"] for _, g in entries), default=0.0)
         self.n_decayed = sum(n for n, d in zip(sizes, decayed) if d)
-        self.n_scaled = sum(n for n, s in zip(sizes, scaled) if s)
         self.layer_of = [g["layer"] for _, g in entries]
         self.scaled = scaled
         device = self.params[0].device
         self.device, self.dtype = device, self.params[0].dtype
+        self.S = len(optimizers)
 
         if flat is None:
+            if self.S > 1:
+                raise ValueError("replicas need their [S, N] buffer")
             flat = flatten_(self.params)
+        self.flat = flat.view(self.S, self.numel) if flat.dim() == 1 else flat
         offsets = [0]
         for n in sizes[:-1]:
             offsets.append(offsets[-1] + n)
-        if flat.numel() != self.numel or any(p.data_ptr() != flat[o:].data_ptr() for p, o in zip(self.params, offsets)):
-            raise ValueError("the parameters are not laid out in flat as parameter_order lays them out")
-        self.flat = flat
+        for i, row in enumerate(self.rows):
+            if any(p.data_ptr() != self.flat[i, o:].data_ptr() for p, o in zip(row, offsets)):
+                raise ValueError("the parameters are not laid out in flat as parameter_order lays them out")
+        self.stacked = list(stacked) if stacked is not None else None
         n_state = 2 if self.adam else (1 if defaults["momentum"] else 0)
-        self.buffers = [torch.zeros(self.numel, dtype=self.dtype, device=device) for _ in range(n_state)]
+        self.buffers = [torch.zeros(self.S, self.numel, dtype=self.dtype, device=device) for _ in range(n_state)]
         self.steps = [0] * len(self.params)   # AdamW: each parameter's step count, on the host
         self._link_state()
         self.zeros: torch.Tensor | None = None   # stand-in gradients of frozen parameters
@@ -157,20 +172,30 @@ class FlatStep:
         self.active: tuple[bool, ...] | None = None   # the has-gradient pattern the masks are built for
         self.masks: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def _order(optimizer) -> list:
+        entries = [(p, g) for g in optimizer.param_groups for p in g["params"]]
+        # kernels first, then 1-D tensors; layer by layer within each (groups are in layer order)
+        entries.sort(key=lambda e: (e[0].dim() <= 1, e[1]["layer"]))
+        return entries
+
     # ------------------------------------------------------------------ layout
     def _views(self, flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [shaped_like(piece, p) for piece, p in zip(flat.split(self.sizes), like)]
 
-    def _link_state(self) -> None:
-        """Point the torch optimizer's state entries at views of the flat state buffers."""
+    def _link_state(self, only: int | None = None) -> None:
+        """Point the torch optimizers' state entries at views of the flat state buffers."""
         keys = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer",)
-        per_key = [self._views(buffer, self.params) for buffer in self.buffers]
-        for i, p in enumerate(self.params):
-            state = self.optimizer.state[p]
-            for key, views in zip(keys, per_key):
-                state[key] = views[i]
-            if self.adam:
-                state["step"] = torch.tensor(float(self.steps[i]), device=self.device)
+        for r, (optimizer, row) in enumerate(zip(self.optimizers, self.rows)):
+            if only is not None and r != only:
+                continue
+            per_key = [self._views(buffer[r], row) for buffer in self.buffers]
+            for i, p in enumerate(row):
+                state = optimizer.state[p]
+                for key, views in zip(keys, per_key):
+                    state[key] = views[i]
+                if self.adam:
+                    state["step"] = torch.tensor(float(self.steps[i]), device=self.device)
 
     def _index(self, active: Sequence[bool]) -> torch.Tensor:
         """Element -> slot of ``[scales, 0, 1]``: its layer, ``L`` (frozen), ``L+1`` (unscaled)."""
@@ -181,28 +206,33 @@ class FlatStep:
 
     def param_lrs(self, scales: torch.Tensor, global_lr: float) -> dict[torch.Tensor, float]:
         """Each parameter's LR in a step given ``scales`` (host values, for inspection and tests)."""
-        lam = torch.cat([scales.to(self.dtype), self.slot_tail])[self.index]
+        lam = torch.cat([scales.to(self.dtype).reshape(-1)[:self.num_layers], self.slot_tail])[self.index]
         starts = torch.tensor([0, *self.sizes[:-1]]).cumsum(0).tolist()
         return dict(zip(self.params, (lam[starts] * global_lr).tolist()))
 
     # ------------------------------------------------------------------ state
     def sync_state(self) -> None:
-        """Write the host step counts into the torch optimizer's state (before ``state_dict()``)."""
+        """Write the host step counts into the torch optimizers' state (before ``state_dict()``)."""
         if self.adam:
-            for p, k in zip(self.params, self.steps):
-                self.optimizer.state[p]["step"].fill_(float(k))
+            for optimizer, row in zip(self.optimizers, self.rows):
+                for p, k in zip(row, self.steps):
+                    optimizer.state[p]["step"].fill_(float(k))
 
-    def load_state(self) -> None:
-        """Take the state ``optimizer.load_state_dict`` installed into the flat buffers."""
+    def load_state(self, only: int | None = None) -> None:
+        """Take the state ``optimizer.load_state_dict`` installed into the flat buffers (of
+        replica ``only``, or of all)."""
         keys = ("exp_avg", "exp_avg_sq") if self.adam else ("momentum_buffer",)
         with torch.no_grad():
-            for key, buffer in zip(keys, self.buffers):
-                for p, view in zip(self.params, self._views(buffer, self.params)):
-                    value = self.optimizer.state.get(p, {}).get(key)
-                    view.copy_(value if value is not None else torch.zeros_like(view))
-        if self.adam:
-            self.steps = [int(self.optimizer.state.get(p, {}).get("step", torch.zeros(())).item()) for p in self.params]
-        self._link_state()
+            for r, (optimizer, row) in enumerate(zip(self.optimizers, self.rows)):
+                if only is not None and r != only:
+                    continue
+                for key, buffer in zip(keys, self.buffers):
+                    for p, view in zip(row, self._views(buffer[r], row)):
+                        value = optimizer.state.get(p, {}).get(key)
+                        view.copy_(value if value is not None else torch.zeros_like(view))
+                if self.adam:
+                    self.steps = [int(optimizer.state.get(p, {}).get("step", torch.zeros(())).item()) for p in row]
+        self._link_state(only)
         self.active = None
 
     # ------------------------------------------------------------------ the step
@@ -230,18 +260,29 @@ class FlatStep:
         elif defaults["momentum"]:
             self.masks["momentum"] = 1 - (1 - defaults["momentum"]) * on   # 1 keeps the buffer
 
+    def _grads(self) -> tuple[tuple[bool, ...], list]:
+        """Each parameter's gradient as ``[S, n]`` (views), None where it has none."""
+        if self.stacked is None:
+            grads = [p.grad for p in self.params]
+            return tuple(g is not None for g in grads), [flat_view(g) if g is not None else None for g in grads]
+        grads = [p.grad for p in self.stacked]
+        return tuple(g is not None for g in grads), [g.view(self.S, -1) if g is not None else None for g in grads]
+
     @torch.no_grad()
     def step(self, scales: torch.Tensor, global_lr: float) -> None:
-        grads = [p.grad for p in self.params]
-        active = tuple(g is not None for g in grads)
+        active, grads = self._grads()
         if active != self.active:
             self._masks(active)
             self.plain = all(active) and all(self.scaled)
             if not all(active) and self.zeros is None:
-                self.zeros = torch.zeros(max(self.sizes), dtype=self.dtype, device=self.device)
-        g = torch.cat([flat_view(x) if x is not None else self.zeros[:n] for x, n in zip(grads, self.sizes)])
-        scales = scales.to(self.dtype)
-        lam = (scales if self.plain else torch.cat([scales, self.slot_tail]))[self.index]
+                shape = (max(self.sizes),) if self.stacked is None else (self.S, max(self.sizes))
+                self.zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        zeros = self.zeros
+        pieces = [g if g is not None else (zeros[:n] if self.stacked is None else zeros[:, :n])
+                  for g, n in zip(grads, self.sizes)]
+        g = torch.cat(pieces, dim=-1).view(self.S, self.numel)
+        scales = scales.to(self.dtype).reshape(self.S, self.num_layers)
+        lam = (scales if self.plain else torch.cat([scales, self.slot_tail.expand(self.S, 2)], 1))[:, self.index]
         theta, masks, defaults = self.flat, self.masks, self.optimizer.defaults
         if self.adam:
             self._adamw(theta, g, lam, global_lr, masks, defaults, active)
@@ -253,7 +294,7 @@ class FlatStep:
             if "decay" in masks:
                 g.addcmul_(theta, masks["decay"])
             else:
-                g[:self.n_decayed].add_(theta[:self.n_decayed], alpha=self.decay)
+                g[:, :self.n_decayed].add_(theta[:, :self.n_decayed], alpha=self.decay)
         momentum = defaults["momentum"]
         if momentum:
             buf = self.buffers[0]
@@ -276,7 +317,7 @@ class FlatStep:
             if "decay" in masks:
                 theta.addcmul_(theta * lam, masks["decay"], value=-lr)
             else:
-                theta[:n].addcmul_(theta[:n], lam[:n], value=-lr * self.decay)
+                theta[:, :n].addcmul_(theta[:, :n], lam[:, :n], value=-lr * self.decay)
         if "beta1" in masks:
             m.lerp_(g, masks["beta1"])
             v.mul_(masks["beta2"]).addcmul_(g, g, value=1 - beta2)

@@ -64,9 +64,10 @@ class Run:
     """One training run; everything it needs to continue is in ``state_dict()``."""
 
     def __init__(self, cfg: DictConfig, out_dir: str | Path, *, data: Dataset, model: nn.Module,
-                 controller: Controller, device: torch.device, dist: Distributed = SINGLE):
+                 controller: Controller, device: torch.device, dist: Distributed = SINGLE, storage=None):
         """Use :func:`build_run`; this takes the parts already built (``cfg`` checked). Under
-        ``torchrun``, ``dist`` is this rank (:mod:`meta_llr.distributed`)."""
+        ``torchrun``, ``dist`` is this rank (:mod:`meta_llr.distributed`). ``storage`` supplies
+        the flat parameter buffer (a row of the replicas' one, :mod:`meta_llr.replicas`)."""
         self.cfg = cfg
         t = cfg.trainer
         self.device = device
@@ -87,14 +88,15 @@ class Run:
 
         # Model, and its layers in forward order.
         self.model = model.to(device)
-        self.channels_last = device.type == "cuda" and self.train_x.dim() == 4
+        self.channels_last = device.type == "cuda" and self.train_x.dim() == 4 and storage is None
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         traced = trace_layers(self.model, self.normalize(self.train_x[:2]))
         self.layers, group_of = group_layers(traced, cfg.layers.groups)
         # The parameters live in one flat buffer (the optimizer step's), from here on: before a
         # controller or a statistic keeps views of them.
-        self.flat_params = flatten_(parameter_order(self.layers))
+        self.flat_params = flatten_(parameter_order(self.layers), into=storage)
+        self.shares_storage = storage is not None
         self.layer_rows = layer_table(traced, group_of)
         self.forward = torch.compile(self.model) if t.compile else self.model
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
@@ -174,12 +176,14 @@ class Run:
         self.wall_before = 0.0
         self.status, self.error, self.reason = "running", None, None
         self.stop_signal: int | None = None  # set by a signal handler
+        self.own_signals = True  # False when replicas handle the signals for their runs
         self.stopping = False  # the decision to stop, taken at step boundaries (all ranks agree)
         self.global_batch = self.batch_size  # images in this step's batch across ranks (set by batches())
         self.resumes: list[dict] = []  # where this run was resumed from, for the summary
         self.trace_every = int(cfg.trainer.trace_every or max(1, total // 200))
         self.trace = torch.zeros(math.ceil(total / self.trace_every), num_layers, device=device)
         self.trace_flushed = 0
+        self.trace_by_replicas = False  # replicas copy all their trace rows at once
         self.log_every = int(t.log_every)
         # Training loss per log interval (train_loss.csv): row k is the mean loss of the steps up
         # to min((k+1) * log_every, total), kept on the device and flushed at evaluations. The
@@ -246,21 +250,36 @@ class Run:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        step, controller, needs = self.step, self.controller, self.needs
-        if self.controls_trainable:
-            mask = controller.trainable(step)
-            if mask is not None and list(mask) != self.trainable:
-                self.set_trainable(mask)
-
+        """One step: the phases below, in order (:mod:`meta_llr.replicas` runs the same phases
+        for several runs around one batched forward, backward and optimizer step)."""
+        self.begin_step()
         with self.autocast():
             out = self.forward(self.normalize(x))
             loss = self._loss_fn(out, y)
         if any(self.trainable):
             loss.backward()
+        scales = self.decide(x, y, loss, out)
+        with torch.no_grad():  # the update: outside autograd
+            self.before_update(scales)
+            self.flat_step.step(scales, self.lr_floats[self.step])
+            self.after_update(scales)
+
+    def begin_step(self) -> None:
+        """Before the forward: the controller's trainable mask for this step."""
+        if self.controls_trainable:
+            mask = self.controller.trainable(self.step)
+            if mask is not None and list(mask) != self.trainable:
+                self.set_trainable(mask)
+
+    def decide(self, x: torch.Tensor, y: torch.Tensor, loss: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """After ``backward()``: this step's statistics and the controller's scales."""
+        step, controller, needs = self.step, self.controller, self.needs
+        totals = None
         if self.dist.active:  # the global batch's loss and count on every rank, on the device
             totals = torch.stack([loss.detach() * len(y), (out.argmax(1) == y).sum().float(),
                                   loss.new_full((), float(len(y)))])  # a fill kernel, no host copy
             loss_sum, correct, count = self.dist.sum_(totals).unbind()
+            totals = (loss_sum, correct)
             loss = loss_sum / count
 
         global_lr = self.plan.lr_table[step]
@@ -285,38 +304,52 @@ class Run:
         scales = controller.scales(step)  # after backward: p.grad is this step's gradient
         if self.dist.active:  # every rank applies rank 0's scales (a copy: the controller's tensor stays its own)
             scales = self.dist.broadcast_(scales.clone())
+        self._step = {"stats": stats, "needs": needs, "probe": probe, "loss": loss, "out": out, "y": y,
+                      "totals": totals}
+        return scales
 
-        with torch.no_grad():  # the update: outside autograd
-            if step % self.trace_every == 0:  # the scales as used now (a controller may reuse its tensor)
-                self.trace[step // self.trace_every].copy_(scales)
-            prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
-            if prev is not None:
-                torch._foreach_copy_(prev, self.params)
-            self.flat_step.step(scales, self.lr_floats[step])
-            if self.transforms:
-                controller.transform_update(step, self.prev_by_layer)
-            if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
-                torch._foreach_sub_(prev, self.params)
-            if "update_norm" in needs:
-                stats["update_norm"] = self.per_layer.norm(prev)
-            if "weight_norm" in needs:
-                stats["weight_norm"] = self.per_layer.norm(self.params)
-            stats["scales"] = scales
-            if self.observes:
-                controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
-            if probe:
-                self.diagnostics.record_step(step, stats, prev)
-            for p in self.params:
-                p.grad = None
+    def before_update(self, scales: torch.Tensor) -> None:
+        """Under ``no_grad``, before the optimizer step: the trace row, the weights kept."""
+        step, probe = self.step, self._step["probe"]
+        if step % self.trace_every == 0 and not self.trace_by_replicas:  # the scales as used now
+            self.trace[step // self.trace_every].copy_(scales)                # (a controller may reuse its tensor)
+        prev = self.prev if self.prev is not None or not probe else [torch.empty_like(p) for p in self.params]
+        if prev is not None:
+            torch._foreach_copy_(prev, self.params)
+        self._step["prev"] = prev
 
-            if self.dist.active:
-                self.loss_sum.add_(loss_sum)
-                self.correct.add_(correct.long())
-            else:  # counted at the next log point (_settle): no op per step here
-                self.pending.append((loss.detach(), out.detach(), y))
-                if len(self.pending) >= PENDING_STEPS:
-                    self._settle()
-            self.seen += self.global_batch if self.dist.active else len(y)
+    def after_update(self, scales: torch.Tensor) -> None:
+        """Under ``no_grad``, after the optimizer step: the update's statistics, ``observe``,
+        the diagnostics, the gradients released, the loss and accuracy kept."""
+        step, controller, ctx = self.step, self.controller, self._step
+        stats, needs, prev = ctx["stats"], ctx["needs"], ctx["prev"]
+        if self.transforms:
+            controller.transform_update(step, self.prev_by_layer)
+        if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
+            torch._foreach_sub_(prev, self.params)
+        if "update_norm" in needs:
+            stats["update_norm"] = self.per_layer.norm(prev)
+        if "weight_norm" in needs:
+            stats["weight_norm"] = self.per_layer.norm(self.params)
+        stats["scales"] = scales
+        if self.observes:
+            controller.observe(step, {k: stats[k] for k in self.needs | {"loss", "global_lr", "scales"}})
+        if ctx["probe"]:
+            self.diagnostics.record_step(step, stats, prev)
+        for p in self.params:
+            p.grad = None
+
+        y = ctx["y"]
+        if ctx["totals"] is not None:
+            loss_sum, correct = ctx["totals"]
+            self.loss_sum.add_(loss_sum)
+            self.correct.add_(correct.long())
+        else:  # counted at the next log point (_settle): no op per step here
+            self.pending.append((ctx["loss"].detach(), ctx["out"].detach(), y))
+            if len(self.pending) >= PENDING_STEPS:
+                self._settle()
+        self.seen += self.global_batch if self.dist.active else len(y)
+        self._step = None
         self.step += 1
 
     # ------------------------------------------------------------------ epochs
@@ -459,6 +492,25 @@ class Run:
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict:
+        """Train to the end (or a stop) and return the summary."""
+        loop = self.loop()
+        try:
+            batch = next(loop)
+            while True:
+                try:
+                    self.train_step(*batch)
+                except BaseException as error:
+                    loop.throw(error)  # the loop records the failure, writes the summary, re-raises
+                    raise
+                batch = loop.send(None)
+        except StopIteration as done:
+            return done.value
+
+    def loop(self):
+        """The run around its steps, as a generator: it yields each step's batch ``(x, y)``, the
+        caller trains on it (``train_step``, or a batched step over replicas) and resumes the
+        loop, which logs, evaluates, checkpoints and stops; its return value is the summary.
+        An exception of the step is thrown into it (``throw``) to be recorded."""
         from tqdm.auto import tqdm
 
         start = time.perf_counter() - self.wall_before
@@ -480,7 +532,7 @@ class Run:
             while self.epoch < self.epochs and self.status == "running" and not self.stopping:
                 log_point = False
                 for x, y in self.batches():
-                    self.train_step(x, y)
+                    yield x, y
                     log_point = self.step % self.log_every == 0 or self.step == total
                     if log_point:  # close the log interval, check it: one host transfer
                         bar.update(self.step - bar.n)
@@ -535,7 +587,7 @@ class Run:
                 self.logger.finish(summary)
             finally:
                 records.close()
-        if self.status == "interrupted" and self.stop_signal is not None:
+        if self.status == "interrupted" and self.stop_signal is not None and self.own_signals:
             print(f"interrupted by {self.error} at step {self.step}; resume with trainer.resume=auto "
                   f"and the same run directory ({records.dir})", file=sys.stderr)
             previous = handlers.get(self.stop_signal)
@@ -565,7 +617,7 @@ class Run:
                 raise KeyboardInterrupt
             self.stop_signal = number
 
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or not self.own_signals:
             return {}
         numbers = list(SIGNALS)
         if _chainable(signal.getsignal(signal.SIGUSR2)):  # submitit's preemption/timeout signal
@@ -627,8 +679,12 @@ class Run:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        self._settle()
         self.flat_step.sync_state()
+        state = self._state()
+        # A replica's tensors are views of the replicas' shared storage: save its own part only.
+        return _own_copies(state) if self.shares_storage else state
+
+    def _state(self) -> dict:
         return {
             "config": OmegaConf.to_container(self.cfg, resolve=True),
             "model": self.model.state_dict(),
@@ -639,6 +695,7 @@ class Run:
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
             "step": self.step, "epoch": self.epoch, "position": self.position, "order": self.order,
             "loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+            "pending": list(self.pending),  # kept, not summed: a resumed run sums as an uninterrupted one
             "prev": self.prev, "trainable": self.trainable, "best": dict(self.best),
             "trace": self.trace, "trace_flushed": self.trace_flushed,
             "records": self.records.state_dict(), "wall_s": self.wall_before,
@@ -660,7 +717,7 @@ class Run:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.order = state["order"]
-        self.pending = []
+        self.pending = list(state.get("pending", []))
         self.loss_sum.copy_(state["loss_sum"])
         self.correct.copy_(state["correct"])
         self.seen = state["seen"]
@@ -684,6 +741,17 @@ class Run:
             self.loss_base.copy_(self.loss_sum)
             self.seen_base = self.seen
             self.loss_logged = self.loss_flushed = self.step // self.log_every
+
+
+def _own_copies(value):
+    """``value`` with each tensor that views a larger storage replaced by a copy of itself."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.untyped_storage().nbytes() > value.nbytes else value
+    if isinstance(value, dict):
+        return {k: _own_copies(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_own_copies(v) for v in value)
+    return value
 
 
 def _chainable(handler) -> bool:
@@ -722,7 +790,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_run(cfg: DictConfig, out_dir: str | Path, *, model: nn.Module | None = None, data: Dataset | None = None,
-              controller: Controller | str | None = None) -> Run:
+              controller: Controller | str | None = None, storage=None) -> Run:
     """Assemble a run from its checked config; ``model``, ``data`` or ``controller`` passed in
     replace the ones the config names. The records then name what was passed: a passed model
     always (``model: {name: <class>, passed_in: true}``), data or a controller when its name
@@ -747,7 +815,7 @@ def build_run(cfg: DictConfig, out_dir: str | Path, *, model: nn.Module | None =
         controller = build_controller(cfg.controller)
     elif getattr(controller, "registry_name", None) != cfg.controller.name:
         cfg.controller = {"name": getattr(controller, "registry_name", type(controller).__name__), "passed_in": True}
-    return Run(cfg, out_dir, data=data, model=model, controller=controller, device=device, dist=dist)
+    return Run(cfg, out_dir, data=data, model=model, controller=controller, device=device, dist=dist, storage=storage)
 
 
 def resume_mode(cfg: DictConfig) -> str:
@@ -841,7 +909,14 @@ def _read_summary(path: Path) -> dict | None:
 
 def train(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run one training in ``out_dir`` (or continue it, or return its summary when it is over;
-    see :func:`resume_if_asked`)."""
+    see :func:`resume_if_asked`). ``replicas=S > 1``: S runs in ``out_dir/s<seed>``, one per
+    seed, trained together (:func:`meta_llr.replicas.train_replicas`); their summaries."""
+    if int(cfg.get("replicas", 1)) > 1:
+        from meta_llr.replicas import train_replicas
+
+        summaries = train_replicas(cfg, out_dir)
+        worst = [s["status"] for s in summaries if s["status"] != "finished"]
+        return {"status": worst[0] if worst else "finished", "replicas": summaries}
     run = build_run(cfg, out_dir)
     done = resume_if_asked(run)
     return done if done is not None else run.fit()

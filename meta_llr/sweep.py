@@ -132,6 +132,13 @@ def prior_state(run_dir: Path) -> tuple[str, dict | None]:
         summary = json.loads((run_dir / SUMMARY).read_text())
     except (OSError, ValueError):
         summary = None
+    replicas = sorted(run_dir.glob("s*/")) if summary is None and run_dir.is_dir() else []
+    if replicas:  # a replicas=S job: its runs are in s<seed>/; the job is over when they all are
+        states = [prior_state(path) for path in replicas]
+        if all(state == "done" for state, _ in states):
+            statuses = [s["status"] for _, s in states if s["status"] != "finished"]
+            return "done", {"status": statuses[0] if statuses else "finished", "replicas": [s for _, s in states]}
+        return ("rerun" if any(state == "rerun" for state, _ in states) else "resumed"), None
     status = (summary or {}).get("status")
     if status in ("finished", "diverged"):
         return "done", summary

@@ -6,7 +6,10 @@
 #      under torch.cuda.set_sync_debug_mode("error");
 #   3. a 10-epoch fastnet run on the CIFAR-10 JPEG copy with trainer.compile=true
 #      -> images/s and test accuracy;
-#   4. several runs per GPU: 4 short shallow runs one at a time, then 4 at once (joblib).
+#   4. several runs per GPU: 4 short shallow runs one at a time, then 4 at once (joblib);
+#   5. replicas (issue 16): 16 replicas of shallow and of ResNet-20 in one process against 16
+#      sequential runs -> bench_replicas.json (target: >= 4x the images/s);
+#   and writes gpu_check.json and gpu_check.md (the tables of parts 1, 3 and 5).
 #
 # Usage:  scripts/gpu_check.sh [CIFAR_DIR]
 #   CIFAR_DIR (or $CIFAR_DIR): folder with cifar10-train.zip and cifar10-test.zip, or train/ and test/
@@ -60,7 +63,7 @@ part bench "$PYTHON" -m meta_llr.bench --device cuda --models fastnet,resnet,res
 if { [ -f "$CIFAR_DIR/cifar10-train.zip" ] && [ -f "$CIFAR_DIR/cifar10-test.zip" ]; } || { [ -d "$CIFAR_DIR/train" ] && [ -d "$CIFAR_DIR/test" ]; }; then
     part fastnet_cifar10 "$PYTHON" -m meta_llr.train controller=uniform model=fastnet data=imagefolder \
         "data.path=$(cd "$CIFAR_DIR" && pwd)" data.augment.flip=true data.workers=1 "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda \
-        trainer.epochs=10 trainer.batch_size=512 trainer.lr=0.1 schedule=onecycle trainer.label_smoothing=0.2 \
+        trainer.epochs=${COMPILE_EPOCHS:-1} trainer.batch_size=512 trainer.lr=0.1 schedule=onecycle trainer.label_smoothing=0.2 \
         trainer.compile=true trainer.checkpoint=false quiet=true "hydra.run.dir=$OUT/fastnet_cifar10"
     if [ -f "$OUT/fastnet_cifar10/summary.json" ]; then
         "$PYTHON" - "$OUT/fastnet_cifar10" 50000 <<'EOF' || true
@@ -99,7 +102,36 @@ if [ -d "$CIFAR_DIR" ]; then
     part packed_runs bash -c "$(declare -f packed); PYTHON=$PYTHON CIFAR_DIR=$CIFAR_DIR CACHE_DIR=${CACHE_DIR:-} OUT=$OUT; packed 1 && packed 4"
 fi
 
+part replicas "$PYTHON" -m meta_llr.bench --device cuda --models shallow,resnet --controllers uniform,depth_linear \
+    --replicas 16 --batch 512 --steps ${REPLICA_STEPS:-10} --warmup 3 --out "$OUT"
+
 echo; echo "== summary (${SECONDS}s)"
+"$PYTHON" - "$OUT" <<'EOF' || true
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    try:
+        return json.loads((out / name).read_text())
+    except (OSError, ValueError):
+        return None
+bench, replicas, fastnet = load("bench.json"), load("bench_replicas.json"), load("fastnet_cifar10/summary.json")
+md = ["# GPU check", "", "| model | controller | ms/step | images/s | ratio | target | +ops | ok |", "|---|---|---|---|---|---|---|---|"]
+for r in bench or []:
+    ok = "" if r["meets_target"] is None else ("yes" if r["meets_target"] and r["meets_memory"] else "NO")
+    md.append(f"| {r['model']} | {r['controller']} | {r['step_ms_median']:.2f} | {r['images_per_s']:,.0f} | "
+              f"{r['ratio_to_bare']:.3f} | {r['target'] or '-'} | {r['extra_kernel_ops']} | {ok} |")
+if replicas:
+    md += ["", "| model | controller | S | images/s together | images/s sequential | speedup |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['model']} | {r['controller']} | {r['replicas']} | {r['images_per_s_replicas']:,.0f} | "
+           f"{r['images_per_s_sequential']:,.0f} | {r['speedup']:.2f} |" for r in replicas]
+if fastnet:
+    md += ["", f"fastnet, trainer.compile=true, CIFAR-10 JPEG copy: {fastnet['status']}, test acc "
+           f"{fastnet['final_test_acc']}, {fastnet['wall_s']:.1f} s for {fastnet['epochs_done']} epoch(s)"]
+(out / "gpu_check.md").write_text("\n".join(md) + "\n")
+(out / "gpu_check.json").write_text(json.dumps({"bench": bench, "replicas": replicas, "compile_run": fastnet}, indent=1))
+print("\n".join(md))
+EOF
 if [ -f "$OUT/bench.json" ]; then
     "$PYTHON" - "$OUT/bench.json" <<'EOF' || true
 import json, sys

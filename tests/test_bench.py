@@ -128,3 +128,15 @@ def test_per_step_launches_do_not_grow_with_depth(tmp_path):
         assert len(values) == 2 and values[0] == values[1], (name, values)
         if available()[name].__module__.startswith("baselines."):
             assert values[0] <= bench.OPS_BASELINE, (name, values)
+
+
+def test_bench_replicas_writes_its_rows(tmp_path, capsys):
+    assert bench.main([*TINY, "--replicas", "3", "--controllers", "uniform", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_replicas.json").read_text())
+    assert [(r["model"], r["controller"], r["replicas"]) for r in rows] == [("mlp", "uniform", 3)]
+    row = rows[0]
+    assert row["speedup"] == pytest.approx(row["sequential_steps_ms"] / row["replicas_step_ms"], rel=1e-2)
+    # one batched step launches fewer ops than the three run-steps it replaces
+    assert row["kernel_ops_replicas"] < 3 * row["kernel_ops_single_run"]
+    with pytest.raises(UserError, match="--replicas"):
+        bench.main([*TINY, "--replicas", "1", "--out", str(tmp_path)])

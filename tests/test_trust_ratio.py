@@ -7,9 +7,9 @@ from meta_llr.run import build_run
 from tests.conftest import TINY, compose_config
 
 
-def first_step(*overrides):
+def first_step(out_dir, *overrides):
     """The run, its first batch, the parameters before the step and this step's gradients."""
-    run = build_run(compose_config(*TINY, "model.depth=2", *overrides), "/tmp/unused-trust-ratio")
+    run = build_run(compose_config(*TINY, "model.depth=2", *overrides), out_dir)
     x, y = next(iter(run.batches()))
     params = [p for layer in run.layers for p in layer.params]
     before = [p.detach().clone() for p in params]
@@ -21,9 +21,10 @@ def first_step(*overrides):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("clip", [False, True])
-def test_lars_and_larc_one_step_by_hand(momentum, clip):
+def test_lars_and_larc_one_step_by_hand(momentum, clip, tmp_path):
     lr, wd, trust = 0.5, 5e-4, 0.02
     run, params, before, grads = first_step(
+        tmp_path,
         "controller=lars", f"controller.trust={trust}", f"controller.wd={wd}", f"controller.trust_clip={clip}",
         "controller.min_scale=1e-9", f"trainer.lr={lr}", "schedule=constant", f"trainer.momentum={momentum}",
         "trainer.nesterov=false", f"trainer.weight_decay={wd}")
@@ -42,9 +43,9 @@ def test_lars_and_larc_one_step_by_hand(momentum, clip):
     assert torch.allclose(trace, torch.clamp(ratios / lr, max=1.0) if clip else ratios, rtol=1e-5)
 
 
-def test_lamb_one_step_by_hand():
+def test_lamb_one_step_by_hand(tmp_path):
     lr, decay, eps = 0.01, 0.01, 1e-8
-    run, params, before, grads = first_step("controller=lamb", "trainer.optimizer=adamw", f"trainer.lr={lr}",
+    run, params, before, grads = first_step(tmp_path, "controller=lamb", "trainer.optimizer=adamw", f"trainer.lr={lr}",
                                             "schedule=constant", f"trainer.weight_decay={decay}")
     for p, w, g in zip(params, before, grads):
         # AdamW's first moments: m̂ = g, v̂ = g² (bias-corrected), direction r = m̂/(√v̂+ε) + λw

@@ -1,0 +1,132 @@
+"""replicas=S: each replica is the run of its seed (within float rounding), writes an ordinary
+run directory, resumes, and a step's kernel ops do not grow with S."""
+import json
+
+import pytest
+import torch
+
+from meta_llr.bench import _OpCounter
+from meta_llr.data import load_data
+from meta_llr.errors import Interrupted
+from meta_llr.replicas import Replicas, build_replicas, train_replicas
+from meta_llr.run import build_run, train
+from meta_llr.runs import find_runs
+from tests.conftest import TINY, compose_config
+
+# BatchNorm (buffers per replica) and convolutions (grouped under vmap): the shallow CNN.
+SMALL = ["data=synthetic", "data.channels=1", "data.size=8", "data.classes=4", "data.train_size=96",
+         "data.test_size=32", "model=shallow", "model.width=4", "trainer.epochs=1", "trainer.batch_size=16",
+         "quiet=true", "trainer.checkpoint=false", "device=cpu"]
+
+
+def steps_of(run_or_group, count):
+    if isinstance(run_or_group, Replicas):
+        draws = [run.batches() for run in run_or_group.runs]
+        for _ in range(count):
+            run_or_group.train_step({i: next(d) for i, d in enumerate(draws)})
+    else:
+        draws = run_or_group.batches()
+        for _ in range(count):
+            run_or_group.train_step(*next(draws))
+
+
+@pytest.mark.parametrize("name", ["uniform", "depth_linear", "hessian_secant", "adam_probe"])
+def test_each_replica_is_the_run_of_its_seed(name, tmp_path):
+    options = [*SMALL, f"controller={name}"]
+    if name == "hessian_secant":
+        options.append("controller.interval=2")  # a curvature probe within the 5 steps
+    data = load_data(compose_config(*options).data)
+    group = build_replicas(compose_config(*options, "seed=3", "replicas=3"), [tmp_path / f"r{i}" for i in range(3)],
+                           data=data)
+    steps_of(group, 5)
+    tol = 1e-5
+    for i, replica in enumerate(group.runs):
+        single = build_run(compose_config(*options, f"seed={3 + i}"), tmp_path / f"single{i}", data=data)
+        steps_of(single, 5)
+        ours, theirs = dict(replica.model.named_parameters()), dict(single.model.named_parameters())
+        ours, theirs = ({k: v.detach() for k, v in d.items()} for d in (ours, theirs))
+        # relative to the model's largest weight: a bias before BatchNorm has a gradient of pure
+        # rounding noise, and its own scale says nothing
+        largest = max(float(v.abs().max()) for v in theirs.values())
+        for key, value in theirs.items():
+            torch.testing.assert_close(ours[key], value, rtol=tol, atol=tol * largest, msg=key)
+        for (key, a), (_, b) in zip(replica.model.named_buffers(), single.model.named_buffers()):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol / 10, msg=key)
+        torch.testing.assert_close(replica.trace[:5], single.trace[:5], rtol=1e-5, atol=1e-5)
+    # the replicas differ from one another (their own seeds, data orders)
+    first, second = (dict(r.model.named_parameters()) for r in group.runs[:2])
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_replicas_write_ordinary_run_dirs_that_resume_exactly(tmp_path, monkeypatch):
+    cfg = compose_config(*TINY, "replicas=2", "seed=4", "trainer.checkpoint=true", "trainer.resume=auto")
+    whole = train_replicas(cfg, tmp_path / "whole")
+    assert [s["status"] for s in whole] == ["finished", "finished"] and [s["seed"] for s in whole] == [4, 5]
+    runs = find_runs(tmp_path / "whole")
+    assert [r.path.name for r in runs] == ["s4", "s5"] and all(r.status == "finished" for r in runs)
+    assert [r.get("seed") for r in runs] == [4, 5] and all(r.get("replicas") == 2 for r in runs)
+
+    # stopped by a signal mid-epoch 2, then continued: the same records as the uninterrupted replicas
+    original = Replicas.train_step
+
+    def stop_at_step_6(self, batches):
+        original(self, batches)
+        if self.runs[0].step == 6:
+            self.stop_signal = 15
+            for run in self.runs:
+                run.stop_signal = 15
+
+    monkeypatch.setattr(Replicas, "train_step", stop_at_step_6)
+    with pytest.raises(Interrupted):
+        train_replicas(cfg, tmp_path / "cut")
+    assert [json.loads((tmp_path / "cut" / s / "summary.json").read_text())["status"] for s in ("s4", "s5")] \
+        == ["interrupted", "interrupted"]
+    monkeypatch.setattr(Replicas, "train_step", original)
+    resumed = train_replicas(cfg, tmp_path / "cut")
+    assert [s["status"] for s in resumed] == ["finished", "finished"]
+    for seed in ("s4", "s5"):
+        for name in ("llr.csv", "train_loss.csv"):
+            assert (tmp_path / "cut" / seed / name).read_text() == (tmp_path / "whole" / seed / name).read_text()
+        strip = [{k: v for k, v in json.loads(line).items() if k != "wall_s"}
+                 for folder in ("cut", "whole") for line in (tmp_path / folder / seed / "metrics.jsonl").read_text().splitlines()]
+        half = len(strip) // 2
+        assert strip[:half] == strip[half:]
+    # finished: a relaunch trains nothing and returns the summaries
+    assert [s["status"] for s in train(cfg, tmp_path / "whole")["replicas"]] == ["finished", "finished"]
+
+
+@pytest.mark.parametrize("name", ["uniform", "depth_linear"])
+def test_kernel_ops_per_step_at_8_replicas_within_1_2x_of_1(name, tmp_path):
+    counts = []
+    for replicas in (1, 8):
+        group = build_replicas(compose_config(*SMALL, f"controller={name}", f"replicas={replicas}"),
+                               [tmp_path / f"{replicas}-{i}" for i in range(replicas)])
+        steps_of(group, 1)
+        draws = [run.batches() for run in group.runs]
+        batch = {i: next(d) for i, d in enumerate(draws)}
+        counter = _OpCounter()
+        with counter:
+            group.train_step(batch)
+        counts.append(counter.kernels)
+    assert counts[1] <= 1.2 * counts[0], counts
+
+
+def test_replicas_refuse_torchrun_and_compile_in_one_line(tmp_path):
+    from meta_llr.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.compile"):
+        build_replicas(compose_config(*TINY, "replicas=2", "trainer.compile=true"), [tmp_path / "a", tmp_path / "b"])
+
+
+def test_a_relaunched_sweep_sees_a_replicas_job_as_done_only_when_all_replicas_are(tmp_path):
+    from meta_llr.sweep import prior_state
+
+    for seed, status in (("s0", "finished"), ("s1", "diverged")):
+        (tmp_path / seed).mkdir()
+        (tmp_path / seed / "summary.json").write_text(json.dumps({"status": status}))
+    assert prior_state(tmp_path)[0] == "done" and prior_state(tmp_path)[1]["status"] == "diverged"
+    (tmp_path / "s1" / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert prior_state(tmp_path)[0] == "resumed"
+    (tmp_path / "s1" / "summary.json").write_text(json.dumps({"status": "failed"}))
+    assert prior_state(tmp_path)[0] == "rerun"
