@@ -561,13 +561,15 @@ def measure_replicas(model_name: str, controllers: list[str], args, workdir: Pat
         for _ in range(args.steps):
             group_ms.append(timed(group_step))
             single_ms.append(timed(single_steps))
+        batches = {i: next(d) for i, d in enumerate(draws)}  # drawn outside the count, as for bare
         counter = _OpCounter()
         with counter:
-            group_step()
+            group.train_step(batches)
         group_ops = counter.kernels
+        batch = next(one)
         counter = _OpCounter()
         with counter:
-            single.train_step(*next(one))
+            single.train_step(*batch)
         g, q = float(np.median(group_ms)), float(np.median(single_ms))
         rows.append({"model": model_name, "controller": name, "device": device.type, "replicas": S,
                      "batch": args.batch, "steps_timed": args.steps,
