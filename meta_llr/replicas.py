@@ -26,7 +26,8 @@ largest magnitude, and the scales within 1e-5, for uniform, depth_linear, adam_p
 hessian_secant with a curvature probe every 2 steps). The replicas share the trainable mask (a
 controller that freezes layers by step does; one that froze different layers per replica is
 refused) and, being stacked, the model's memory format (contiguous, no channels_last).
-Not with ``torchrun`` or ``trainer.compile``. A replica that diverges stops its records; its
+Each replica's ``wall_s`` is the group's wall time (they train together). Not with ``torchrun``
+or ``trainer.compile``. A replica that diverges stops its records; its
 rows are still computed (harmlessly) until every replica is done.
 """
 from __future__ import annotations

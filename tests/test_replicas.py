@@ -19,15 +19,24 @@ SMALL = ["data=synthetic", "data.channels=1", "data.size=8", "data.classes=4", "
          "quiet=true", "trainer.checkpoint=false", "device=cpu"]
 
 
+def forever(run):
+    """A run's batches across epochs (``batches()`` ends with its epoch)."""
+    while True:
+        yield from run.batches()
+
+
 def steps_of(run_or_group, count):
+    """``count`` more steps, the draws continuing where the last call left them."""
     if isinstance(run_or_group, Replicas):
-        draws = [run.batches() for run in run_or_group.runs]
+        if not hasattr(run_or_group, "draws"):
+            run_or_group.draws = [forever(run) for run in run_or_group.runs]
         for _ in range(count):
-            run_or_group.train_step({i: next(d) for i, d in enumerate(draws)})
+            run_or_group.train_step({i: next(d) for i, d in enumerate(run_or_group.draws)})
     else:
-        draws = run_or_group.batches()
+        if not hasattr(run_or_group, "draws"):
+            run_or_group.draws = forever(run_or_group)
         for _ in range(count):
-            run_or_group.train_step(*next(draws))
+            run_or_group.train_step(*next(run_or_group.draws))
 
 
 @pytest.mark.parametrize("name", ["uniform", "depth_linear", "hessian_secant", "adam_probe"])
@@ -130,3 +139,26 @@ def test_a_relaunched_sweep_sees_a_replicas_job_as_done_only_when_all_replicas_a
     assert prior_state(tmp_path)[0] == "resumed"
     (tmp_path / "s1" / "summary.json").write_text(json.dumps({"status": "failed"}))
     assert prior_state(tmp_path)[0] == "rerun"
+
+
+@pytest.mark.parametrize("name", sorted(__import__("meta_llr.registry", fromlist=["available"]).available()))
+def test_every_controller_as_a_replica_follows_its_single_run(name, tmp_path):
+    """Replica 1 of 2 after 4 steps (an epoch boundary and its diagnostics step included) equals
+    the run of its seed: each controller's state, statistics and hooks are its replica's own."""
+    from meta_llr.registry import available
+
+    cls = available()[name]
+    options = [*TINY, "data.train_size=48", *cls.requires, f"controller={name}",
+               *(f"controller.{k}={v}" for k, v in cls.example_options(tmp_path).items())]
+    data = load_data(compose_config(*options).data)
+    group = build_replicas(compose_config(*options, "seed=0", "replicas=2"), [tmp_path / "r0", tmp_path / "r1"],
+                           data=data)
+    steps_of(group, 4)
+    single = build_run(compose_config(*options, "seed=1"), tmp_path / "single", data=data)
+    steps_of(single, 4)
+    ours = {k: v.detach() for k, v in group.runs[1].model.named_parameters()}
+    theirs = {k: v.detach() for k, v in single.model.named_parameters()}
+    largest = max(float(v.abs().max()) for v in theirs.values())
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5 * largest, msg=key)
+    torch.testing.assert_close(group.runs[1].trace[:4], single.trace[:4], rtol=1e-5, atol=1e-5)
