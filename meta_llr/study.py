@@ -213,10 +213,12 @@ def study_dir(study: dict, root: str | None) -> Path:
 
 
 def arm_command(study: dict, label: str, seeds, out: Path, launcher: str | None, extra: list[str],
-                fresh: bool = False) -> list[str]:
+                fresh: bool = False, replicas: int = 1) -> list[str]:
     """The multirun of one arm. Each run's directory is ``<arm>-s<seed>`` (relaunching resumes
     or skips it: meta_llr's sweeper runs jobs with ``trainer.resume=auto``); ``fresh`` adds a
-    timestamp, so ``--force`` writes new runs beside the old ones."""
+    timestamp, so ``--force`` writes new runs beside the old ones. ``replicas=S``: one job
+    training seeds ``seeds[0]`` … ``seeds[0]+S−1`` together (:mod:`meta_llr.replicas`), its
+    runs in ``<arm>-s<seed>-r<S>/s<seed>``."""
     grid, arm = study["grid"], study["arms"][label]
     command = [sys.executable, "-m", "meta_llr.train", "-m", f"+arm={label}", f"controller={arm['name']}",
                f"model={grid['model']}", f"data={grid['data']}", f"trainer.epochs={grid['epochs']}"]
@@ -225,7 +227,10 @@ def arm_command(study: dict, label: str, seeds, out: Path, launcher: str | None,
     command += _overrides(grid.get("overrides")) + arm["overrides"]
     command += [f"seed={','.join(str(s) for s in seeds)}", f"study={study['name']}", "quiet=true",
                 f"hydra.sweep.dir={out}",
-                "hydra.sweep.subdir=${arm}-s${seed}" + ("-${now:%Y%m%d-%H%M%S}" if fresh else "")]
+                "hydra.sweep.subdir=${arm}-s${seed}" + (f"-r{replicas}" if replicas > 1 else "")
+                + ("-${now:%Y%m%d-%H%M%S}" if fresh else "")]
+    if replicas > 1:
+        command.append(f"replicas={replicas}")
     if launcher:
         command.append(f"hydra/launcher={launcher}")
     return command + list(extra)
@@ -245,14 +250,31 @@ def done_pairs(out: Path) -> set[tuple[str, int]]:
     return {(str(r.get("arm") or r.controller), int(r.get("seed", -1))) for r in runs if r.status in DONE}
 
 
-def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_run=False) -> list[list[str]]:
+def consecutive(seeds) -> list[list[int]]:
+    """``[0, 1, 2, 5, 6]`` -> ``[[0, 1, 2], [5, 6]]``: the seed ranges one replicas job trains."""
+    chunks: list[list[int]] = []
+    for seed in sorted(int(s) for s in seeds):
+        if chunks and seed == chunks[-1][-1] + 1:
+            chunks[-1].append(seed)
+        else:
+            chunks.append([seed])
+    return chunks
+
+
+def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_run=False,
+              replicas: bool = False) -> list[list[str]]:
+    """Run the arms' missing seeds: one multirun per arm, or with ``replicas`` one
+    ``replicas=S`` job per range of consecutive missing seeds."""
     out = study_dir(study, root)
     launcher = launcher or study.get("launcher")
     done = set() if force else done_pairs(out)
     commands = []
     for label in study["arms"]:
         seeds = [s for s in study["grid"]["seeds"] if (label, int(s)) not in done]
-        if seeds:
+        if seeds and replicas:
+            commands += [arm_command(study, label, chunk[:1], out, launcher, list(extra), fresh=force,
+                                     replicas=len(chunk)) for chunk in consecutive(seeds)]
+        elif seeds:
             commands.append(arm_command(study, label, seeds, out, launcher, list(extra), fresh=force))
     for command in commands:
         print("python " + shlex.join(command[1:]), flush=True)
@@ -505,6 +527,8 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--pilot", default=None, help="plan: a folder of pilot runs of the study's arms")
+    parser.add_argument("--replicas", action="store_true",
+                        help="run: each arm's consecutive missing seeds as one replicas=S job (meta_llr.replicas)")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     try:
         study = load_study(args.study)
@@ -517,7 +541,7 @@ def main(argv=None) -> int:
                 raise UserError("study plan needs --pilot DIR: a folder of pilot runs (e.g. a study run with 3 seeds)")
             print(plan_study(study, args.pilot))
         elif args.action == "run":
-            run_study(study, args.root, args.launcher, args.overrides, args.force, args.dry_run)
+            run_study(study, args.root, args.launcher, args.overrides, args.force, args.dry_run, args.replicas)
         else:
             path, results = report_study(study, args.root)
             for r in results:

@@ -90,6 +90,17 @@ def test_run_commands_are_one_multirun_per_arm_and_skip_finished(study_file, tmp
     assert "python -m meta_llr.train -m +arm=uniform" in capsys.readouterr().out
 
 
+def test_run_with_replicas_is_one_job_per_range_of_missing_seeds(study_file, tmp_path):
+    study = load_study(str(study_file))
+    make_run(tmp_path / "known", "fast-s1", "depth_linear", 1, arm="fast")  # already done
+    commands = run_study(study, root=tmp_path, extra=["device=cpu"], dry_run=True, replicas=True)
+    fast = [c for c in commands if "+arm=fast" in c]
+    assert [[a for a in c if a.startswith(("seed=", "replicas="))] for c in fast] == [["seed=0"], ["seed=2", "replicas=2"]]
+    assert "hydra.sweep.subdir=${arm}-s${seed}-r2" in fast[1]
+    uniform = [c for c in commands if "+arm=uniform" in c]
+    assert len(uniform) == 1 and "seed=0" in uniform[0] and "replicas=4" in uniform[0]
+
+
 def test_verdicts_on_known_numbers(study_file, tmp_path):
     fill_runs(tmp_path)
     path, results = report_study(load_study(str(study_file)), root=tmp_path, figures=False)
