@@ -12,6 +12,7 @@ from meta_llr.replicas import Replicas, build_replicas, train_replicas
 from meta_llr.run import build_run, train
 from meta_llr.runs import find_runs
 from tests.conftest import TINY, compose_config
+from tests.test_contract import count_host_syncs
 
 # BatchNorm (buffers per replica) and convolutions (grouped under vmap): the shallow CNN.
 SMALL = ["data=synthetic", "data.channels=1", "data.size=8", "data.classes=4", "data.train_size=96",
@@ -144,7 +145,8 @@ def test_a_relaunched_sweep_sees_a_replicas_job_as_done_only_when_all_replicas_a
 @pytest.mark.parametrize("name", sorted(__import__("meta_llr.registry", fromlist=["available"]).available()))
 def test_every_controller_as_a_replica_follows_its_single_run(name, tmp_path):
     """Replica 1 of 2 after 4 steps (an epoch boundary and its diagnostics step included) equals
-    the run of its seed: each controller's state, statistics and hooks are its replica's own."""
+    the run of its seed: each controller's state, statistics and hooks are its replica's own;
+    and the batched steps make no host sync."""
     from meta_llr.registry import available
 
     cls = available()[name]
@@ -153,7 +155,9 @@ def test_every_controller_as_a_replica_follows_its_single_run(name, tmp_path):
     data = load_data(compose_config(*options).data)
     group = build_replicas(compose_config(*options, "seed=0", "replicas=2"), [tmp_path / "r0", tmp_path / "r1"],
                            data=data)
-    steps_of(group, 4)
+    with count_host_syncs() as syncs:  # the batched step reads nothing back from the device
+        steps_of(group, 4)
+    assert syncs == [], syncs
     single = build_run(compose_config(*options, "seed=1"), tmp_path / "single", data=data)
     steps_of(single, 4)
     ours = {k: v.detach() for k, v in group.runs[1].model.named_parameters()}
