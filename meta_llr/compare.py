@@ -66,7 +66,7 @@ from meta_llr.stats import (NO_VARIANCE, detectable_effect, hedges_g, holm, mean
 METRICS = ("final_test_acc", "best_test_acc", "loss_auc", "steps_to_target", "epochs_to_target",
            "gen_gap", "wall_s", "final_train_loss", "final_test_loss")
 # Config keys that may differ inside a group without splitting it.
-IGNORED_KEYS = ("seed", "study", "quiet", "device", "logger", "wandb", "paths", "hydra", "arm",
+IGNORED_KEYS = ("seed", "study", "quiet", "device", "logger", "wandb", "paths", "hydra", "arm", "replicas",
                 "trainer.resume", "trainer.checkpoint", "trainer.compile", "trainer.log_every",
                 "trainer.eval_batch_size", "trainer.trace_every", "trainer.divergence_factor",
                 "data.root", "data.path")

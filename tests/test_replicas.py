@@ -76,6 +76,13 @@ def test_replicas_write_ordinary_run_dirs_that_resume_exactly(tmp_path, monkeypa
     runs = find_runs(tmp_path / "whole")
     assert [r.path.name for r in runs] == ["s4", "s5"] and all(r.status == "finished" for r in runs)
     assert [r.get("seed") for r in runs] == [4, 5] and all(r.get("replicas") == 2 for r in runs)
+    # pooled with a single run of the same config: replicas=S is how runs were trained, not what
+
+    train(compose_config(*TINY, "seed=6"), tmp_path / "whole" / "single")
+    from meta_llr.compare import split_settings
+
+    groups = split_settings(find_runs(tmp_path / "whole"), "controller")[0].groups
+    assert list(groups) == ["uniform"] and len(groups["uniform"].runs) == 3
 
     # stopped by a signal mid-epoch 2, then continued: the same records as the uninterrupted replicas
     original = Replicas.train_step
