@@ -72,29 +72,39 @@ class Layca(Controller):
         self.other_index = [[k for k, p in enumerate(layer.params) if p.dim() <= 1] for layer in layers]
         with torch.no_grad():
             self.initial_norm = self.per_layer.norm(self.kernels)
+        self.zero, self.one = torch.zeros((), device=device), torch.ones((), device=device)
 
     def scales(self, step: int) -> torch.Tensor:
         return self.multipliers
 
     @torch.no_grad()
     def transform_update(self, step: int, before: Sequence[Sequence[torch.Tensor]]) -> None:
-        w = [b[k] for b, ks in zip(before, self.kernel_index) for k in ks]
         if self.other_params == "none":
             restore = [layer.params[k] for layer, ks in zip(self.layers, self.other_index) for k in ks]
             if restore:
                 torch._foreach_copy_(restore, [b[k] for b, ks in zip(before, self.other_index) for k in ks])
-        # On flat vectors (a fixed number of launches, whatever the number of kernels):
-        # s = w − after (the base step, negated); new w = (1 + c·sw/ww)·w − c·s, renormalised.
+        # In closed form on the flat kernels (views of the run's buffers: no copy). With
+        # q = s·w/ww and P = ‖s⊥‖² = ss − sw·q, the rotated step w − c·s⊥ (c = ρ‖w‖/‖s⊥‖) has norm
+        # ‖w‖·sqrt(1 + ρ²) exactly (s⊥ ⊥ w), so the renormalised result is, with k = w − s the
+        # kernels after the base step,   w_new = α·w + β·k,
+        #   β = ‖w(0)‖·ρ / (sqrt(1 + ρ²)·sqrt(P)),   α = ‖w(0)‖ / (‖w‖·sqrt(1 + ρ²)) + β·(q − 1),
+        # and with P = 0 (no orthogonal step) ρ = 0: w_new = w·‖w(0)‖/‖w‖.
         pl = self.per_layer
-        w_flat = pl.flat(w)
-        s = w_flat - pl.flat(self.kernels)
-        ww, ss, sw = pl.dot_of_flat(w_flat, w_flat), pl.dot_of_flat(s, s), pl.dot_of_flat(s, w_flat)
-        s_perp = (ss - sw * sw / ww).clamp_min(0).sqrt()
-        rho = self.plan.global_lr(step) * self.multipliers
-        c = torch.where(s_perp > 0, rho * ww.sqrt() / s_perp, torch.zeros_like(s_perp))
-        new = pl.scale_(w_flat, 1 + c * sw / ww).sub_(pl.scale_(s, c))
-        pl.scale_(new, self.initial_norm / pl.dot_of_flat(new, new).sqrt())
-        pl.unflat_into(new, self.kernels)
+        w = pl.flat_view([b[k] for b, ks in zip(before, self.kernel_index) for k in ks])
+        k = pl.flat_view(self.kernels)
+        s = w - k
+        ws = torch.stack([w, s])
+        (ww, _), (sw, ss) = pl.totals_of_flat((ws.unsqueeze(1) * ws.unsqueeze(0)).flatten(0, 1)).view(2, 2, -1)
+        q = sw / ww
+        p = (ss - sw * q).clamp_min_(0)
+        moves = p > 0
+        rho = torch.where(moves, self.plan.global_lr(step) * self.multipliers, self.zero)
+        root = torch.hypot(rho, self.one)
+        beta = torch.where(moves, self.initial_norm * rho / (root * p.sqrt()), self.zero)
+        alpha = torch.addcmul(self.initial_norm / (root * ww.sqrt()), beta, q - 1)
+        k.mul_(pl.expand(beta)).addcmul_(w, pl.expand(alpha))
+        if not pl.is_block(self.kernels):  # k was a copy
+            pl.unflat_into(k, self.kernels)
 
     def state_dict(self) -> dict:
         return {"initial_norm": self.initial_norm}

@@ -74,6 +74,8 @@ writes ``prodigy_layer.csv``: per evaluation and layer, ``d_l`` and (SGD) ``G_l`
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -121,6 +123,7 @@ class ProdigyLayer(Controller):
         self.d = torch.full((self.num_layers,), self.d0, device=device)
         self.r = torch.zeros(self.num_layers, device=device)
         self.grad_sq = torch.zeros(self.num_layers, device=device)  # EMA of ‖g_l‖² (SGD)
+        self.zero = torch.zeros((), device=device)
         self.t = 0  # steps seen (host): bias correction of the EMA
         self.history: list[tuple[int, list[float], list[float]]] = []  # (step, d, G) at evaluations
 
@@ -136,28 +139,33 @@ class ProdigyLayer(Controller):
 
     @torch.no_grad()
     def scales(self, step: int) -> torch.Tensor:
+        pl = self.per_layer
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        g = self.per_layer.flat(grads).float()
+        g = pl.flat(grads).float()
         self.t += 1
-        # The LR the estimate asks for at this step, from d_k (before g_k enters it).
-        if self.adam:
-            eta = self.d.clone()
-        else:
-            self.grad_sq.mul_(self.beta2).add_(self.per_layer.dot_of_flat(g, g), alpha=1 - self.beta2)
-            rms = self.grad_rms()
-            eta = torch.where(rms > 0, (1 - self.momentum) * self.d / rms.clamp_min(1e-30), torch.zeros_like(rms))
-        # The estimate: r += w <g, x0 - x>, s += w g, d = max(d, r / |s|).
-        weight = self.plan.global_lr(step) / self.lr_peak * self.d * self.d
-        diff = self.per_layer.flat(self.params)
-        torch.sub(self.x0, diff, out=diff)
-        self.r.mul_(self.beta3).add_(weight * self.per_layer.dot_of_flat(g, diff))
+        d_before = self.d.clone()  # η* uses d_k, before g_k enters the estimate
+        # The estimate: r += w <g, x0 - x>, s += w g, d = max(d, r / |s|); the three per-layer
+        # sums (‖g‖², <g, x0 - x>, ‖s‖² or Σ|s|) in one segmented reduction.
+        weight = self.d.square().mul_(self.plan.global_lr(step) * (1 / self.lr_peak))
+        diff = torch.sub(self.x0, pl.flat(self.params))
+        self.s.mul_(self.beta3).addcmul_(g, pl.expand(weight))
+        size_term = self.s.abs() if self.adam else self.s * self.s
+        gg, gx, size = pl.totals_of_flat(torch.stack([g * g, g * diff, size_term])).unbind()
         del diff
-        self.s.mul_(self.beta3).add_(self.per_layer.scale_(g, weight))
-        size = self.layer_norm(self.s)
-        estimate = torch.where(size > 0, self.r / size.clamp_min(1e-30), torch.zeros_like(size))
+        self.r.mul_(self.beta3).addcmul_(weight, gx)
+        if self.adam:
+            eta = d_before
+        else:  # η* ∝ d_l / G_l, G_l² the bias-corrected EMA of ‖g_l‖² (constant factors: below)
+            self.grad_sq.lerp_(gg, 1 - self.beta2)
+            eta = torch.where(self.grad_sq > 0, d_before * self.grad_sq.rsqrt(), self.zero)
+            size = size.clamp_min_(0).sqrt_()
+        estimate = torch.where(size > 0, self.r / size, self.zero)
         torch.maximum(self.d, estimate, out=self.d)
         if self.mode == "free":  # LR-free: guards only (d >= d0 > 0 keeps it positive)
-            return (eta * (self.gamma / self.lr_peak)).clamp(FREE_GUARD, 1 / FREE_GUARD)
+            factor = self.gamma / self.lr_peak
+            if not self.adam:  # (1 − μ) and the bias correction sqrt(1 − β₂^t) of G_l
+                factor *= (1 - self.momentum) * math.sqrt(1 - self.beta2 ** self.t)
+            return (eta * factor).clamp(FREE_GUARD, 1 / FREE_GUARD)
         return (eta / eta.mean().clamp_min(1e-30)).clamp(self.min_scale, self.max_scale)
 
     def records(self) -> dict[str, list[dict]]:

@@ -43,7 +43,11 @@ formulas and sources: ``meta_llr.stats``.
 
 Figures: ``curves.png`` (test accuracy and train loss against epochs, mean and ±1 std band per
 group), ``llr_heatmap.png`` (mean LLR scale per layer × progress, one panel per group),
-``rotation.png`` (layer rotation against epochs per layer, one panel per group).
+``rotation.png`` (layer rotation against epochs per layer, one panel per group),
+``curvature.png`` when the runs ran the curvature probe (``diagnostics.curvature_every``):
+per layer, the exact curvature along the layer's step against the secants the controllers
+estimate it with (:mod:`meta_llr.diagnostics`' columns, and ``hessian_secant``'s own estimate
+from its ``secant.csv``), at the last evaluation, mean over the runs.
 """
 from __future__ import annotations
 
@@ -452,7 +456,7 @@ def plot_rotation(setting: Setting, path: Path) -> bool:
         count = len(per_layer)
         for layer in sorted(per_layer):
             epochs = sorted(per_layer[layer])
-            ax.plot(epochs, [np.mean(per_layer[layer][e]) for e in epochs],
+            ax.plot(epochs, [np.mean(per_layer[layer][e]) for e in epochs], marker="o", ms=3,
                     color=cmap(0.85 * layer / max(count - 1, 1)), lw=1.5,
                     label=names[layer] if count <= 8 or layer in (0, count - 1) else None)
         ax.set(title=label, xlabel="epoch", yscale="log")
@@ -487,6 +491,73 @@ def _pm(row, key) -> str:
     return text + (f" [{low:.4f}, {high:.4f}]" if math.isfinite(low) else "")
 
 
+CURVATURE_SERIES = (("curvature", "exact, along the layer's step (uᵀH_ll u/‖u‖²)"),
+                    ("curvature_full", "exact, all layers moving (uᵀ(Hu)_l/‖u_l‖²)"),
+                    ("secant_curvature", "secant along the same step and batch"),
+                    ("secant_l1", "L1 secant Σ|Δg|/Σ|u| (Smith & Topin)"))
+
+
+def last_curvature(run: RunDir) -> dict[str, dict[int, float]]:
+    """Per series (:data:`CURVATURE_SERIES`, and ``estimate``: hessian_secant's smoothed
+    curvature in ``secant.csv``), layer -> value at the run's last evaluation that has it."""
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    rows = [r for r in run.layer_stats if isinstance(r.get("curvature"), (int, float))]
+    last = max((r["step"] for r in rows), default=None)
+    for row in rows:
+        if row["step"] == last:
+            for key, _ in CURVATURE_SERIES:
+                if isinstance(row.get(key), (int, float)) and math.isfinite(row[key]):
+                    out[key][int(row["layer"])] = float(row[key])
+    estimates = [r for r in run.table("secant") if isinstance(r.get("curvature"), (int, float))]
+    last = max((r["step"] for r in estimates), default=None)
+    for row in estimates:
+        if row["step"] == last and math.isfinite(row["curvature"]):
+            out["estimate"][int(row["layer"])] = float(row["curvature"])
+    return out
+
+
+def plot_curvature(setting: Setting, path: Path) -> bool:
+    """One panel per group whose runs have the curvature probe: per layer (x), each series'
+    mean over the runs (log scale), so a secant that tracks the exact curvature follows it."""
+    plt = _plt()
+    panels = []
+    for label, group in setting.groups.items():
+        series: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for run in group.runs:
+            for key, values in last_curvature(run).items():
+                for layer, value in values.items():
+                    series[key][layer].append(value)
+        if series.get("curvature"):
+            panels.append((label, series, {int(r["layer"]): r["name"] for r in group.runs[0].layer_stats}))
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols + 1, 3.4 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    names = dict(CURVATURE_SERIES, estimate="hessian_secant's estimate (secant.csv)")
+    for ax, (label, series, layer_names) in zip(axes.flat, panels):
+        for (key, text), style in zip(names.items(), ("o-", "s--", "^:", "v-.", "D-")):
+            if series.get(key):
+                layers = sorted(series[key])
+                ax.plot(layers, [np.mean(series[key][l]) for l in layers], style, ms=4, lw=1.2, label=text)
+        ax.set(title=label, xlabel="layer", yscale="log")
+        ticks = sorted(layer_names)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([layer_names[t] for t in ticks], rotation=30, fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("curvature at the last evaluation")
+    axes.flat[len(panels) - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"Exact curvature along each layer's step against its secant estimates — {setting.title}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_outputs(comparison: Comparison, out: Path, title: str = "Comparison",
                   figures: bool = True) -> dict[str, list[str]]:
     """Write compare.csv, the figures (unless ``figures=False``) and compare.md into ``out``;
@@ -506,6 +577,8 @@ def write_outputs(comparison: Comparison, out: Path, title: str = "Comparison",
             names.append(f"llr_heatmap{suffix}.png")
         if plot_rotation(setting, out / f"rotation{suffix}.png"):
             names.append(f"rotation{suffix}.png")
+        if plot_curvature(setting, out / f"curvature{suffix}.png"):
+            names.append(f"curvature{suffix}.png")
         drawn[setting.title] = names
     (out / "compare.md").write_text(markdown(comparison, drawn, title))
     return drawn

@@ -81,6 +81,15 @@ def shaped_like(piece: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return piece.view([like.shape[d] for d in order]).permute(inverse)
 
 
+def zeros_laid_out_like(tensors: Sequence[torch.Tensor], flat: torch.Tensor) -> list[torch.Tensor]:
+    """Zeros shaped like ``tensors`` (views of ``flat``, the buffer :func:`flatten_` moved them
+    into), as views of one new buffer at the same offsets: what reads the tensors as one
+    flat vector (:meth:`meta_llr.per_layer.PerLayer.flat_view`) reads these as one too."""
+    buffer = torch.zeros_like(flat)
+    base = flat.storage_offset()
+    return [buffer.as_strided(t.shape, t.stride(), t.storage_offset() - base) for t in tensors]
+
+
 def parameter_order(layers: Sequence) -> list[torch.Tensor]:
     """The flat buffer's order: kernels (>= 2-D) first, then 1-D tensors, layer by layer in each."""
     return ([p for layer in layers for p in layer.params if p.dim() > 1]

@@ -13,7 +13,11 @@ layer slice instead (``fused=False``, the default off CUDA); both give the same 
 
 Element-wise work over all tensors with per-layer coefficients is done on the flat vector
 (:meth:`PerLayer.flat`, :meth:`PerLayer.scale_`) and written back with one
-``torch._foreach_copy_`` (:meth:`PerLayer.unflat_into`). Each tensor is flattened in the memory
+``torch._foreach_copy_`` (:meth:`PerLayer.unflat_into`). Tensors that already lie back to back
+in one buffer, in order (the run's parameters and its copy of them before the step:
+``meta_llr.optim.flatten_``), are read as that buffer's slice with no copy
+(:meth:`PerLayer.flat_view`). Several per-layer sums at once are one segmented reduction
+(:meth:`PerLayer.totals_of_flat`). Each tensor is flattened in the memory
 order of the tensors given at construction (channels_last kernels stay views), the same order
 for every list of the same shapes, so two flat vectors can be multiplied element by element.
 """
@@ -54,6 +58,8 @@ class PerLayer:
         self.inverses = [sorted(range(len(order)), key=order.__getitem__) for order in self.orders]
         self.ordered_shapes = [[t.shape[d] for d in order] for t, order in zip(tensors, self.orders)]
         self.sizes = [t.numel() for t in tensors]
+        self.element_layer: torch.Tensor | None = None
+        self.lengths_by_rows: dict[int, torch.Tensor] = {}
 
     @classmethod
     def of_layers(cls, layers: Sequence, device: torch.device, keep=None) -> PerLayer:
@@ -85,6 +91,32 @@ class PerLayer:
         """All elements in one vector, layer after layer (one copy)."""
         return torch.cat([t.permute(order).reshape(-1) for t, order in zip(tensors, self.orders)])
 
+    def is_block(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether ``tensors`` lie back to back in one buffer, in this order and memory layout."""
+        first = tensors[0]
+        storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+        for t, order, size in zip(tensors, self.orders, self.sizes):
+            if (t.untyped_storage().data_ptr() != storage or t.storage_offset() != offset
+                    or not t.permute(order).is_contiguous()):
+                return False
+            offset += size
+        return True
+
+    def flat_view(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:meth:`flat`'s vector: a view of the tensors' buffer when they form a block
+        (:meth:`is_block`; no op, and writing to it writes to them), else a copy."""
+        if self.is_block(tensors):
+            return tensors[0].as_strided((self.numel,), (1,), tensors[0].storage_offset())
+        return self.flat(tensors)
+
+    def expand(self, per_layer: torch.Tensor) -> torch.Tensor:
+        """``[L]`` -> ``[numel]``: each element gets its layer's value (one gather)."""
+        if self.element_layer is None:  # built on first use; int32: half the memory of int64
+            self.element_layer = torch.repeat_interleave(
+                torch.arange(self.num_layers, dtype=torch.int32, device=self.bounds.device),
+                self.layer_numel, output_size=self.numel)
+        return per_layer.index_select(0, self.element_layer)
+
     def unflat_into(self, flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         """Copy a vector laid out as :meth:`flat` lays it out back into ``tensors`` (one call)."""
         views = [piece.view(shape).permute(inverse)
@@ -113,6 +145,17 @@ class PerLayer:
             return torch.stack([piece.sum() for piece in flat.split(self.layer_sizes)]).float()
         # one segmented reduction, in float64: each layer's elements summed on their own
         return torch.segment_reduce(flat.double(), "sum", lengths=self.layer_numel).float()
+
+    def totals_of_flat(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``[K, numel]`` (K vectors laid out as :meth:`flat` lays them out) -> ``[K, L]`` per-layer
+        sums: one float64 segmented reduction for all K on a GPU."""
+        if not self.fused:
+            return torch.stack([self.total_of_flat(row) for row in stacked.unbind()])
+        rows = stacked.shape[0]
+        if rows not in self.lengths_by_rows:
+            self.lengths_by_rows[rows] = self.layer_numel.expand(rows, self.num_layers).contiguous()
+        lengths = self.lengths_by_rows[rows]
+        return torch.segment_reduce(stacked.double(), "sum", lengths=lengths, axis=1).float()
 
     def total(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The sum of each layer's elements."""

@@ -47,7 +47,7 @@ from meta_llr.interface import STATS, Controller, Lookahead, OptimizerSpec, Plan
 from meta_llr.layers import group_layers, layer_table, trace_layers
 from meta_llr.loggers import Logger, make_logger
 from meta_llr.models import build_model
-from meta_llr.optim import FlatStep, flatten_, layer_optimizer, parameter_order
+from meta_llr.optim import FlatStep, flatten_, layer_optimizer, parameter_order, zeros_laid_out_like
 from meta_llr.per_layer import PerLayer
 from meta_llr.registry import build_controller
 from meta_llr.schedules import lr_factors
@@ -155,7 +155,7 @@ class Run:
         name_of = {id(p): n for n, p in self.model.named_parameters()}
         self.param_names = [name_of[id(p)] for p in self.params]  # for functional calls (loss_at)
         needs_buffer = self.transforms or bool(self.needs & {"update_norm", "grad_dot_prev_update"})
-        self.prev = [torch.zeros_like(p) for p in self.params] if needs_buffer else None
+        self.prev = zeros_laid_out_like(self.params, self.flat_params) if needs_buffer else None
         self.prev_by_layer = self._by_layer(self.prev) if self.prev is not None else None
         self.zero = torch.zeros((), device=device)
         self.trainable = [True] * num_layers

@@ -118,6 +118,10 @@ class RunDir:
     def layers(self) -> list[dict]:
         return _read_rows(self.path / LAYERS)
 
+    def table(self, name: str) -> list[dict]:
+        """A controller's table ``<name>.csv`` (``Controller.records``); [] when absent."""
+        return _read_rows(self.path / f"{name}.csv")
+
 
 def _read_rows(path: Path) -> list[dict]:
     """A CSV file's rows as dicts with numbers parsed; [] when the file is absent."""

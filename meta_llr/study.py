@@ -14,8 +14,11 @@ hypotheses *before* any run::
       overrides: [trainer.lr=0.05]    # optional, every run
       controllers:                    # the arms; label defaults to the controller name
         - {name: uniform}
+        - {name: freezeout, seeds: [0, 1]}      # optional: this arm's own seeds (a descriptive arm)
         - {label: reversed, name: depth_linear, overrides: {controller.first: 0.5, controller.last: 1.5}}
     launcher: null                    # a Hydra launcher (joblib, submitit_slurm): hydra/launcher=...
+    commands: [...]                   # optional: the command lines the report lists at its top
+    discussion: my_study.md           # optional: a markdown file (beside this one) the report ends with
     baseline: uniform                 # the reference arm of the comparison tables
     metric: final_test_acc            # the metric of the comparison tables' tests
     target_acc: null                  # for steps/epochs to target (null: see meta_llr.compare)
@@ -35,7 +38,8 @@ finished or diverged run in the study folder (a divergence is a result: the same
 diverges again; failed and incomplete runs are rerun; ``--force`` reruns them all);
 ``--launcher NAME`` (or the file's ``launcher``) runs the jobs of an arm in parallel or on a
 cluster; anything after the file is passed on as overrides (``device=cuda
-trainer.compile=true``). ``--dry-run`` prints the commands.
+trainer.compile=true``). ``--dry-run`` prints the commands. ``--seeds 100,101 --arms a,b
+--root runs/pilot`` runs other seeds of some arms elsewhere: a pilot, which ``plan`` reads.
 
 ``report`` runs ``meta_llr.compare`` on the study folder and judges every hypothesis on the
 finished runs, with Holm's correction across one family: every hypothesis's test of the claim
@@ -64,7 +68,8 @@ test accuracy is within 1 point of chance is flagged (see :mod:`meta_llr.compare
 ``plan --pilot DIR`` sizes the study from pilot runs: per hypothesis, the seed spread, the seeds
 per arm its preregistered effect needs, and the power of the file's seeds.
 
-``report.md`` (next to ``compare.md``, ``compare.csv`` and the figures) gives per hypothesis the
+``report.md`` (next to ``compare.md``, ``compare.csv`` and the figures; ``--out FILE.md``: the
+report there and the rest in ``FILE/``) gives per hypothesis the
 verdict, the means, the difference with its 95% Welch interval, the deciding t statistic, raw
 and Holm-adjusted p-values and Hedges' g. ``show`` prints the commands and the hypotheses.
 """
@@ -147,12 +152,20 @@ def load_study(name_or_path: str) -> dict:
         label = str(arm.get("label", arm["name"]))
         if label in arms:
             raise UserError(f"{where}: two arms are labelled {label}; give each a distinct label")
-        arms[label] = {"name": arm["name"], "overrides": _overrides(arm.get("overrides"))}
+        seeds = arm.get("seeds", grid["seeds"])
+        if not isinstance(seeds, list) or not seeds:
+            raise UserError(f"{where}: arm {label} seeds must be a non-empty list, e.g. [0, 1, 2]")
+        arms[label] = {"name": arm["name"], "overrides": _overrides(arm.get("overrides")), "seeds": seeds}
     study["arms"] = arms
     study.setdefault("baseline", next(iter(arms)))
     if study["baseline"] not in arms:
         raise UserError(f"{where}: baseline {study['baseline']} is not an arm ({', '.join(arms)})")
     study["hypotheses"] = [parse_hypothesis(h, arms, where) for h in study.get("hypotheses") or []]
+    if study.get("discussion"):  # a markdown file the report ends with, beside the study file
+        discussion = path.parent / str(study["discussion"])
+        if not discussion.is_file():
+            raise UserError(f"{where}: discussion {study['discussion']} is not a file beside the study file")
+        study["discussion"] = str(discussion)
     study["path"] = str(path)
     return study
 
@@ -262,20 +275,25 @@ def consecutive(seeds) -> list[list[int]]:
 
 
 def run_study(study: dict, root=None, launcher=None, extra=(), force=False, dry_run=False,
-              replicas: bool = False) -> list[list[str]]:
+              replicas: bool = False, seeds=None, arms=None) -> list[list[str]]:
     """Run the arms' missing seeds: one multirun per arm, or with ``replicas`` one
-    ``replicas=S`` job per range of consecutive missing seeds."""
+    ``replicas=S`` job per range of consecutive missing seeds. ``seeds`` and ``arms`` (lists)
+    replace the file's, for a pilot in another ``root`` (its report is then exploratory)."""
     out = study_dir(study, root)
     launcher = launcher or study.get("launcher")
     done = set() if force else done_pairs(out)
+    unknown = sorted(set(arms or ()) - set(study["arms"]))
+    if unknown:
+        raise UserError(f"--arms names {', '.join(unknown)}, not arms of {study['name']} ({', '.join(study['arms'])})")
     commands = []
-    for label in study["arms"]:
-        seeds = [s for s in study["grid"]["seeds"] if (label, int(s)) not in done]
-        if seeds and replicas:
+    for label in arms or study["arms"]:
+        seeds_of = seeds if seeds is not None else study["arms"][label]["seeds"]
+        seeds_now = [s for s in seeds_of if (label, int(s)) not in done]
+        if seeds_now and replicas:
             commands += [arm_command(study, label, chunk[:1], out, launcher, list(extra), fresh=force,
-                                     replicas=len(chunk)) for chunk in consecutive(seeds)]
-        elif seeds:
-            commands.append(arm_command(study, label, seeds, out, launcher, list(extra), fresh=force))
+                                     replicas=len(chunk)) for chunk in consecutive(seeds_now)]
+        elif seeds_now:
+            commands.append(arm_command(study, label, seeds_now, out, launcher, list(extra), fresh=force))
     for command in commands:
         print("python " + shlex.join(command[1:]), flush=True)
         if not dry_run:
@@ -392,8 +410,8 @@ def grid_differences(study: dict, runs) -> list[str]:
         found = sorted({str(r.get(key)) for r in done} - {str(want)})
         if found:
             out.append(f"{key} {', '.join(found)} (the file: {want})")
-    want_seeds = {int(s) for s in grid["seeds"]}
-    for label in study["arms"]:
+    for label, arm in study["arms"].items():
+        want_seeds = {int(s) for s in arm["seeds"]}
         seeds = {int(r.get("seed", -1)) for r in done if str(r.get("arm") or r.controller) == label}
         if seeds != want_seeds:
             missing, extra = sorted(want_seeds - seeds), sorted(seeds - want_seeds)
@@ -411,9 +429,13 @@ def report_text(study: dict, results: list[dict], comparison_md: str, difference
                  + "; ".join(differences) + ".\n"]
     else:
         lines = [f"# Study {study['name']}: preregistered hypotheses\n"]
+    if study.get("commands"):
+        lines += ["The commands that made every number below, in order:\n", "```bash",
+                  *[str(c) for c in study["commands"]], "```\n"]
     if study.get("description"):
         lines.append(" ".join(str(study["description"]).split()) + "\n")
     arms = "; ".join(f"{label} = {arm['name']} {' '.join(arm['overrides'])}".strip()
+                     + ("" if arm["seeds"] == grid["seeds"] else f" (seeds {arm['seeds']})")
                      for label, arm in study["arms"].items())
     lines.append(f"Grid: model {grid['model']}, data {grid['data']}, {grid['epochs']} epochs, schedule "
                  f"{grid.get('schedule', 'step')}, seeds {grid['seeds']}; arms: {arms}. Study file: "
@@ -446,6 +468,8 @@ def report_text(study: dict, results: list[dict], comparison_md: str, difference
             extra += f" At chance (mean final test accuracy within 1 point of it): {', '.join(r['at_chance'])}."
         lines.append(f"- **{r['hypothesis'].id}** ({r['setting']}): {r['verdict']}: {r['why']}.{extra}")
     lines += aggregate_lines(study.get("metric", "final_test_acc"), arm_values or {})
+    if study.get("discussion"):
+        lines += ["", Path(study["discussion"]).read_text().strip()]
     lines.append("\n---\n")
     return "\n".join(lines) + "\n" + comparison_md
 
@@ -464,7 +488,10 @@ def aggregate_lines(metric: str, values: dict[str, list[float]]) -> list[str]:
     return lines
 
 
-def report_study(study: dict, root=None, figures: bool = True) -> tuple[Path, list[dict]]:
+def report_study(study: dict, root=None, figures: bool = True, to: str | Path | None = None) -> tuple[Path, list[dict]]:
+    """Judge the study and write ``report.md`` with compare's tables and figures into the study
+    folder, or with ``to=FILE.md`` the report at FILE.md and the rest in the folder FILE/ beside
+    it (a report kept in the repository, e.g. docs/studies/NAME.md)."""
     out = study_dir(study, root)
     if not out.is_dir():
         raise UserError(f"no runs for study {study['name']} in {out}; run python -m meta_llr.study run "
@@ -476,7 +503,10 @@ def report_study(study: dict, root=None, figures: bool = True) -> tuple[Path, li
                             f"use one of {', '.join(METRICS)}")
     comparison = compare(runs, baseline=study["baseline"], metric=study.get("metric", "final_test_acc"),
                          target=study.get("target_acc"))
-    drawn = write_outputs(comparison, out, title=f"Comparison for study {study['name']}", figures=figures)
+    assets = out if to is None else Path(to).with_suffix("")
+    drawn = write_outputs(comparison, assets, title=f"Comparison for study {study['name']}", figures=figures)
+    if to is not None:  # the report sits beside its folder of figures
+        drawn = {title: [f"{assets.name}/{name}" for name in names] for title, names in drawn.items()}
     results = judge(study["hypotheses"], comparison)
     metric = study.get("metric", "final_test_acc")
     arm_values = {}
@@ -484,9 +514,9 @@ def report_study(study: dict, root=None, figures: bool = True) -> tuple[Path, li
         for label, group in setting.groups.items():
             arm_values.setdefault(label.split(" [")[0], []).extend(group.metric(metric).tolist())
     differences = grid_differences(study, runs)
-    (out / "report.md").write_text(report_text(study, results, markdown(comparison, drawn, "Comparison"), differences,
-                                               arm_values))
-    return out / "report.md", results
+    path = out / "report.md" if to is None else Path(to)
+    path.write_text(report_text(study, results, markdown(comparison, drawn, "Comparison"), differences, arm_values))
+    return path, results
 
 
 def plan_study(study: dict, pilot: str | Path) -> str:
@@ -497,25 +527,32 @@ def plan_study(study: dict, pilot: str | Path) -> str:
     runs = find_runs(Path(pilot))
     comparison = compare(runs, baseline=study["baseline"], metric=study.get("metric", "final_test_acc"),
                          target=study.get("target_acc"))
-    planned = len(study["grid"]["seeds"])
     lines = [f"# Plan for study {study['name']} from the pilot {pilot}", "",
              "| id | setting | metric | effect | pilot n (A, B) | seed spread (sd) | seeds per arm needed "
-             f"| power with the file's {planned} seeds |", "|---|---|---|---|---|---|---|---|"]
+             "| the file's seeds per arm | power with them |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in comparison.settings:
         groups = {label.split(" [")[0]: g for label, g in setting.groups.items()}
         for h in study["hypotheses"]:
             a, b = (groups[arm].metric(h.metric) if arm in groups else np.array([]) for arm in (h.a, h.b))
             sd = pooled_sd(a, b)
+            planned = min(len(study["arms"][arm]["seeds"]) for arm in (h.a, h.b))
             planned_power = power_of(h, sd, planned)["power"]
             needs = power_of(h, sd, max(len(a), 2))["needs"]
             lines.append(f"| {h.id} | {setting.title} | {h.metric} | {_g(h.effect) if h.effect else '— (none given)'} "
-                         f"| {len(a)}, {len(b)} | {_g(sd)} | {needs or '—'} | {_g(planned_power, 2)} |")
+                         f"| {len(a)}, {len(b)} | {_g(sd)} | {needs or '—'} | {planned} | {_g(planned_power, 2)} |")
     lines += ["", "Power: two-sample t (noncentral t; equivalence: TOST) with the pilot's pooled spread, "
               "meta_llr.stats. A pilot of 3 seeds estimates the spread loosely: plan with margin."]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command line
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of seeds, e.g. 100,101,102") from None
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meta_llr.study", description=__doc__.split("\n")[0])
@@ -527,6 +564,12 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--pilot", default=None, help="plan: a folder of pilot runs of the study's arms")
+    parser.add_argument("--out", default=None,
+                        help="report: write it to this FILE.md, its tables and figures into FILE/ (default: the study folder)")
+    parser.add_argument("--seeds", default=None, type=_int_list,
+                        help="run: these seeds (e.g. 100,101,102) instead of the file's, for a pilot (give --root)")
+    parser.add_argument("--arms", default=None, type=lambda text: [a for a in text.split(",") if a],
+                        help="run: only these arms (labels, comma-separated)")
     parser.add_argument("--replicas", action="store_true",
                         help="run: each arm's consecutive missing seeds as one replicas=S job (meta_llr.replicas)")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
@@ -541,9 +584,10 @@ def main(argv=None) -> int:
                 raise UserError("study plan needs --pilot DIR: a folder of pilot runs (e.g. a study run with 3 seeds)")
             print(plan_study(study, args.pilot))
         elif args.action == "run":
-            run_study(study, args.root, args.launcher, args.overrides, args.force, args.dry_run, args.replicas)
+            run_study(study, args.root, args.launcher, args.overrides, args.force, args.dry_run, args.replicas,
+                      args.seeds, args.arms)
         else:
-            path, results = report_study(study, args.root)
+            path, results = report_study(study, args.root, to=args.out)
             for r in results:
                 print(f"{r['hypothesis'].id}: {r['verdict']} ({r['why']})")
             print(f"-> {path}")

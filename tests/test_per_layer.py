@@ -62,3 +62,39 @@ def test_flat_round_trips_channels_last_kernels_and_expands_per_layer_values(fus
     assert torch.allclose(per_layer.total_of_flat(scaled), torch.tensor([3 * flat[:53].sum(), -flat[53:].sum()]))
     assert torch.allclose(per_layer.dot_of_flat(flat, scaled), torch.stack([3 * flat[:53].square().sum(),
                                                                             -flat[53:].square().sum()]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_flat_view_is_a_view_of_a_block_and_a_copy_otherwise(fused):
+    from meta_llr.optim import flatten_, zeros_laid_out_like
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last), torch.randn(5), torch.randn(2, 5)]
+    flat = flatten_(tensors)  # the run's layout: one buffer, each tensor a view in memory order
+    pl = PerLayer(tensors, [0, 0, 1], 2, torch.device("cpu"), fused=fused)
+    assert pl.is_block(tensors)
+    view = pl.flat_view(tensors)
+    assert torch.equal(view, pl.flat(tensors)) and view.data_ptr() == flat.data_ptr()
+    view.mul_(2)  # writes through to the tensors
+    assert torch.equal(pl.flat(tensors), view)
+    twins = zeros_laid_out_like(tensors, flat)  # the loop's copy before the step: the same layout
+    assert pl.is_block(twins) and all(t.stride() == u.stride() for t, u in zip(tensors, twins))
+    separate = [t.clone() for t in tensors]     # separate storages: a copy, unchanged by writes
+    assert not pl.is_block(separate)
+    copy = pl.flat_view(separate)
+    copy.zero_()
+    assert torch.equal(pl.flat(separate), pl.flat(tensors))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_expand_and_totals_of_flat_match_per_layer_slices(fused):
+    torch.manual_seed(1)
+    tensors = [torch.randn(3, 4), torch.randn(4), torch.randn(6), torch.randn(2, 2)]
+    pl = PerLayer(tensors, [0, 0, 1, 2], 3, torch.device("cpu"), fused=fused)
+    values = torch.tensor([2.0, -1.0, 0.5])
+    expected = torch.cat([torch.full((16,), 2.0), torch.full((6,), -1.0), torch.full((4,), 0.5)])
+    assert torch.equal(pl.expand(values), expected)
+    a, b = pl.flat(tensors), pl.flat([t * t for t in tensors])
+    totals = pl.totals_of_flat(torch.stack([a, b]))
+    direct = torch.tensor([[x.sum().item() for x in v.split([16, 6, 4])] for v in (a, b)])
+    torch.testing.assert_close(totals, direct, rtol=1e-6, atol=1e-6)
