@@ -117,6 +117,7 @@ class ProdigyLayer(Controller):
         self.per_layer = PerLayer.of_layers(layers, device)
         self.params = self.per_layer.tensors
         self.lr_peak = float(plan.lr_table.max())  # once, at setup (not in a step)
+        self.lr_factor = plan.lr_table / self.lr_peak  # λ_k, the schedule's factor per step
         with torch.no_grad():
             self.x0 = self.per_layer.flat([p.detach() for p in self.params]).float()  # a copy
         self.s = torch.zeros_like(self.x0)
@@ -143,10 +144,10 @@ class ProdigyLayer(Controller):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         g = pl.flat(grads).float()
         self.t += 1
-        d_before = self.d.clone()  # η* uses d_k, before g_k enters the estimate
+        d_before = self.d  # η* uses d_k, before g_k enters the estimate (self.d is replaced below)
         # The estimate: r += w <g, x0 - x>, s += w g, d = max(d, r / |s|); the three per-layer
         # sums (‖g‖², <g, x0 - x>, ‖s‖² or Σ|s|) in one segmented reduction.
-        weight = self.d.square().mul_(self.plan.global_lr(step) * (1 / self.lr_peak))
+        weight = self.d.square().mul_(self.lr_factor[min(step, len(self.lr_factor) - 1)])
         diff = torch.sub(self.x0, pl.flat(self.params))
         self.s.mul_(self.beta3).addcmul_(g, pl.expand(weight))
         size_term = self.s.abs() if self.adam else self.s * self.s
@@ -160,7 +161,7 @@ class ProdigyLayer(Controller):
             eta = torch.where(self.grad_sq > 0, d_before * self.grad_sq.rsqrt(), self.zero)
             size = size.clamp_min_(0).sqrt_()
         estimate = torch.where(size > 0, self.r / size, self.zero)
-        torch.maximum(self.d, estimate, out=self.d)
+        self.d = torch.maximum(self.d, estimate)
         if self.mode == "free":  # LR-free: guards only (d >= d0 > 0 keeps it positive)
             factor = self.gamma / self.lr_peak
             if not self.adam:  # (1 − μ) and the bias correction sqrt(1 − β₂^t) of G_l
