@@ -96,6 +96,7 @@ class ResNet18Config(ModelConfig):
 class FastNetConfig(ModelConfig):
     name: str = opt("fastnet", free=True)
     widths: list[int] = opt([64, 256, 256], ge=1, length=(1, None), doc="channels of each conv group")
+    whiten: bool = opt(False, doc="stem: frozen patch-whitening filters from the training images (airbench)")
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int, **options) -> nn.Module:
@@ -339,15 +340,22 @@ class FastNet(nn.Module):
     conv group per entry of ``widths``, global max pool, bias-free linear head scaled
     by a fixed 1/9. Convs are bias-free and identity-initialised on their first
     ``in_channels`` filters (the paper's partial identity init); BN has momentum 0.6,
-    eps 1e-12 and a frozen gamma of 1. The paper's data-dependent whitening init of
-    the stem is not done here: the stem is an ordinary learned conv.
+    eps 1e-12 and a frozen gamma of 1. The stem is an ordinary learned conv, unless
+    ``whiten=True``: then :meth:`init_from_data` (called by the run with its first training
+    images) sets it to the paper's data-dependent whitening filters and freezes it.
     """
 
     stem_width = 24
     head_scale = 1 / 9
+    whiten_images = 5000  # training images the whitening statistics are taken from
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, widths: tuple = (64, 256, 256)):
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, widths: tuple = (64, 256, 256),
+                 whiten: bool = False):
         super().__init__()
+        if whiten and 2 * in_channels * 4 != self.stem_width:
+            raise UserError(f"model.whiten=true needs 3-channel images (2 x 3 x 2 x 2 = {self.stem_width} whitening "
+                            f"filters), the data has {in_channels}; use model.whiten=false")
+        self.whiten = whiten
         self.stem = nn.Conv2d(in_channels, self.stem_width, 2, padding=0, bias=False)
         self.stem_bn = FastBN(self.stem_width)
         c_in, groups = self.stem_width, []
@@ -360,6 +368,24 @@ class FastNet(nn.Module):
             for conv in (group.conv1, group.conv2):
                 with torch.no_grad():
                     nn.init.dirac_(conv.weight[: conv.in_channels])
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """``whiten``: the stem becomes the whitening transform of the images' 2x2 patches, frozen.
+        With ``Σ = V diag(λ) Vᵀ`` the covariance of the flattened patches of ``x`` (normalised
+        training images), the filters are ``±v_i / sqrt(λ_i + 5e-4)``, each eigenvector with both
+        signs (the GELU after the stem keeps one side): a patch's whitened coordinates. Keller
+        Jordan's airbench (arXiv 2404.00498, section 3) initialises its first layer this way."""
+        if not self.whiten:
+            return
+        patches = F.unfold(x.float(), kernel_size=2).transpose(1, 2).reshape(-1, self.stem.weight[0].numel())
+        patches = patches - patches.mean(0)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        filters = (eigenvectors.T / (eigenvalues + 5e-4).sqrt()[:, None]).float()
+        filters = filters.flip(0).reshape(-1, *self.stem.weight.shape[1:])  # largest eigenvalue first
+        self.stem.weight.copy_(torch.cat([filters, -filters]))
+        self.stem.weight.requires_grad_(False)
 
     def forward(self, x):
         x = F.gelu(self.stem_bn(self.stem(x)))

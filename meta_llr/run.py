@@ -51,6 +51,7 @@ from meta_llr.optim import FlatStep, flatten_, layer_optimizer, parameter_order,
 from meta_llr.per_layer import PerLayer
 from meta_llr.registry import build_controller
 from meta_llr.schedules import lr_factors
+from meta_llr.weight_average import WeightAverage
 from meta_llr.records import CONFIG, ENV, LAYERS, METRICS, SUMMARY, RunRecords, environment, rows_csv
 
 # Checkpoint at the next step boundary, record ``interrupted``, exit 128+N. SIGUSR2 too when a
@@ -91,6 +92,9 @@ class Run:
         self.channels_last = device.type == "cuda" and self.train_x.dim() == 4 and storage is None
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        init_from_data = getattr(self.model, "init_from_data", None)
+        if init_from_data is not None:  # a data-dependent initialisation (fastnet's whitening)
+            init_from_data(self.normalize(self.train_x[:getattr(self.model, "whiten_images", 5000)]))
         traced = trace_layers(self.model, self.normalize(self.train_x[:2]))
         self.layers, group_of = group_layers(traced, cfg.layers.groups)
         # The parameters live in one flat buffer (the optimizer step's), from here on: before a
@@ -138,6 +142,8 @@ class Run:
         self.scale_1d = bool(self.controller.scale_1d)
         self.optimizer = layer_optimizer(self.layers, t, self.scale_1d)
         self.flat_step = FlatStep(self.optimizer, num_layers, self.flat_params)
+        self.weight_average = (WeightAverage(self.flat_params, list(self.model.buffers()), t.ema_every, t.ema_decay,
+                                             total) if t.ema_every else None)
         self.plan.lookahead.optimizer = self.optimizer
 
         if dist.active:  # gradients averaged across ranks; frozen layers leave parameters unused
@@ -197,6 +203,7 @@ class Run:
         self.label_smoothing = float(t.label_smoothing)
         self.eval_every = int(t.eval_every)
         self.eval_batch = int(t.eval_batch_size)
+        self.tta = int(t.tta)
         self.records = RunRecords(out_dir, write=dist.main)
         self.logger = make_logger(cfg, self.records.dir) if dist.main else Logger()
 
@@ -351,6 +358,8 @@ class Run:
         self.seen += self.global_batch if self.dist.active else len(y)
         self._step = None
         self.step += 1
+        if self.weight_average is not None:
+            self.weight_average.after_step(self.step)
 
     # ------------------------------------------------------------------ epochs
     def batches(self):
@@ -416,7 +425,7 @@ class Run:
         for i in range(0, len(y_all), self.eval_batch):
             x, y = self.normalize(x_all[i:i + self.eval_batch]), y_all[i:i + self.eval_batch]
             with self.autocast():
-                out = self.forward(x).float()
+                out = self.tta_logits(x)
             loss += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
         self.model.train()
@@ -424,6 +433,23 @@ class Run:
             loss, correct = self.dist.sum_(torch.stack([loss, correct.float()])).unbind()
         loss, correct = torch.stack([loss, correct.float()]).tolist()
         return loss / n, correct / n
+
+    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of a normalised batch under ``trainer.tta``: level 0 the image's; level 1 the
+        mean over the image and its mirror; level 2 half that mean and half the mean over the
+        four 1-pixel diagonal translations (reflect padding) of the image and of its mirror."""
+        logits = self.forward(x).float()
+        if self.tta == 0:
+            return logits
+        mirrored = x.flip(-1)
+        logits = 0.5 * (logits + self.forward(mirrored).float())
+        if self.tta == 1:
+            return logits
+        shifted = []
+        for image in (x, mirrored):
+            padded = F.pad(image, (1, 1, 1, 1), mode="reflect")
+            shifted += [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        return 0.5 * logits + 0.5 * torch.stack([self.forward(v).float() for v in shifted]).mean(0)
 
     def log_evaluation(self, wall: float) -> dict:
         """Evaluate and write the records. At an epoch's end ``epoch`` is the epoch count (an
@@ -703,6 +729,7 @@ class Run:
             "loss_log": self.loss_log, "loss_base": self.loss_base, "seen_base": self.seen_base,
             "loss_logged": self.loss_logged, "loss_flushed": self.loss_flushed,
             "lookahead_generator": self.lookahead_gen.get_state(), "resumes": list(self.resumes),
+            "weight_average": self.weight_average.state_dict() if self.weight_average is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -729,6 +756,8 @@ class Run:
         self.records.load_state_dict(state["records"])
         self.wall_before = state["wall_s"]
         self.diagnostics.load_state_dict(state["diagnostics"])
+        if self.weight_average is not None and state.get("weight_average") is not None:
+            self.weight_average.load_state_dict(state["weight_average"])
         if "lookahead_generator" in state:
             self.lookahead_gen.set_state(state["lookahead_generator"])
             self.resumes = list(state["resumes"])

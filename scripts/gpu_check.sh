@@ -9,7 +9,8 @@
 #   4. several runs per GPU: 4 short shallow runs one at a time, then 4 at once (joblib);
 #   5. replicas (issue 16): 16 replicas of shallow and of ResNet-20 in one process against 16
 #      sequential runs -> bench_replicas.json (target: >= 4x the images/s);
-#   and writes gpu_check.json and gpu_check.md (the tables of parts 1, 3 and 5).
+#   6. the airbench recipe: +recipe=airbench, 10 epochs, compiled -> test accuracy (target 0.93);
+#   and writes gpu_check.json and gpu_check.md (the tables of parts 1, 3, 5 and 6).
 #
 # Usage:  scripts/gpu_check.sh [CIFAR_DIR]
 #   CIFAR_DIR (or $CIFAR_DIR): folder with cifar10-train.zip and cifar10-test.zip, or train/ and test/
@@ -105,6 +106,14 @@ fi
 part replicas "$PYTHON" -m meta_llr.bench --device cuda --models shallow,resnet --controllers uniform,depth_linear \
     --replicas 16 --batch 512 --steps ${REPLICA_STEPS:-10} --warmup 3 --out "$OUT"
 
+# 6. The airbench recipe (issue 16, part 3): fastnet, +recipe=airbench, 10 epochs on the JPEG copy,
+#    compiled; target >= 93 % test accuracy (airbench94: 94.0 % on official CIFAR-10).
+if [ -d "$CIFAR_DIR" ]; then
+    part recipe "$PYTHON" -m meta_llr.train +recipe=airbench data=imagefolder "data.path=$(cd "$CIFAR_DIR" && pwd)" \
+        data.workers=1 "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda trainer.compile=true \
+        trainer.checkpoint=false quiet=true seed=${RECIPE_SEED:-0} "hydra.run.dir=$OUT/recipe"
+fi
+
 echo; echo "== summary (${SECONDS}s)"
 "$PYTHON" - "$OUT" <<'EOF' || true
 import json, sys
@@ -116,6 +125,7 @@ def load(name):
     except (OSError, ValueError):
         return None
 bench, replicas, fastnet = load("bench.json"), load("bench_replicas.json"), load("fastnet_cifar10/summary.json")
+recipe = load("recipe/summary.json")
 md = ["# GPU check", "", "| model | controller | ms/step | images/s | ratio | target | +ops | ok |", "|---|---|---|---|---|---|---|---|"]
 for r in bench or []:
     ok = "" if r["meets_target"] is None else ("yes" if r["meets_target"] and r["meets_memory"] else "NO")
@@ -128,8 +138,12 @@ if replicas:
 if fastnet:
     md += ["", f"fastnet, trainer.compile=true, CIFAR-10 JPEG copy: {fastnet['status']}, test acc "
            f"{fastnet['final_test_acc']}, {fastnet['wall_s']:.1f} s for {fastnet['epochs_done']} epoch(s)"]
+if recipe:
+    md += ["", f"+recipe=airbench (fastnet, 10 epochs, compiled), CIFAR-10 JPEG copy (lossy): {recipe['status']}, "
+           f"test acc {recipe['final_test_acc']} (target 0.93), {recipe['wall_s']:.1f} s wall (compile included)"]
 (out / "gpu_check.md").write_text("\n".join(md) + "\n")
-(out / "gpu_check.json").write_text(json.dumps({"bench": bench, "replicas": replicas, "compile_run": fastnet}, indent=1))
+(out / "gpu_check.json").write_text(json.dumps({"bench": bench, "replicas": replicas, "compile_run": fastnet,
+                                                "recipe": recipe}, indent=1))
 print("\n".join(md))
 EOF
 if [ -f "$OUT/bench.json" ]; then
