@@ -518,7 +518,8 @@ def last_curvature(run: RunDir) -> dict[str, dict[int, float]]:
 
 def plot_curvature(setting: Setting, path: Path) -> bool:
     """One panel per group whose runs have the curvature probe: per layer (x), each series'
-    mean over the runs (log scale), so a secant that tracks the exact curvature follows it."""
+    mean over the runs (symmetric log scale: linear within ±0.01, where negative curvatures
+    show), so a secant that tracks the exact curvature follows it."""
     plt = _plt()
     panels = []
     for label, group in setting.groups.items():
@@ -542,14 +543,20 @@ def plot_curvature(setting: Setting, path: Path) -> bool:
             if series.get(key):
                 layers = sorted(series[key])
                 ax.plot(layers, [np.mean(series[key][l]) for l in layers], style, ms=4, lw=1.2, label=text)
-        ax.set(title=label, xlabel="layer", yscale="log")
+        ax.set(title=label, xlabel="layer")
+        ax.set_yscale("symlog", linthresh=1e-2)  # the curvature along a step can be negative
         ticks = sorted(layer_names)
         ax.set_xticks(ticks)
         ax.set_xticklabels([layer_names[t] for t in ticks], rotation=30, fontsize=7)
         ax.grid(alpha=0.3, which="both")
     for ax in axes[:, 0]:
         ax.set_ylabel("curvature at the last evaluation")
-    axes.flat[len(panels) - 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    handles = {}
+    for ax in axes.flat[:len(panels)]:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(text, handle)
+    axes.flat[len(panels) - 1].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left",
+                                      bbox_to_anchor=(1.02, 1))
     fig.suptitle(f"Exact curvature along each layer's step against its secant estimates — {setting.title}",
                  fontsize=10)
     fig.tight_layout()

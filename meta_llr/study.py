@@ -357,6 +357,8 @@ def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
                                     f"remove the stray runs from the study folder or give them another arm label")
                 groups[arm] = g
             a, b = groups.get(h.a), groups.get(h.b)
+            if a is None and b is None:  # a setting without the hypothesis's arms (e.g. runs still going)
+                continue
             values_a = a.metric(h.metric) if a else np.array([])
             values_b = b.metric(h.metric) if b else np.array([])
             result = {"hypothesis": h, "setting": setting.title, **evaluate_hypothesis(h, values_a, values_b)}
@@ -393,8 +395,30 @@ def judge(hypotheses: list[Hypothesis], comparison) -> list[dict]:
                      if h.effect is not None else " (no preregistered effect: its power is unknown)")
             r["verdict"], r["why"] = "inconclusive", (f"neither the claim (Holm p {_g(r['p_support_holm'])}) "
                                                       f"nor its opposite (Holm p {_g(r['p_contra_holm'])}) "
-                                                      f"is significant at {h.alpha}{power}")
+                                                      f"is significant at {h.alpha}{power}" + _excludes(h, r))
     return results
+
+
+def _excludes(h: Hypothesis, r: dict) -> str:
+    """For a powered directional hypothesis left inconclusive: whether the 95 % Welch interval
+    of the difference (unadjusted) already rules out its preregistered effect in the claimed
+    direction, i.e. any effect that way is smaller than the one worth finding."""
+    if h.kind == "equiv" or h.effect is None:
+        return ""
+    low, high = r["diff_ci"]                              # of (other − baseline)
+    negative = (h.kind == "<") == (h.baseline == h.b)     # the claim: that difference is negative
+    if not (math.isfinite(low) and math.isfinite(high)) or not (low > -h.effect if negative else high < h.effect):
+        return ""
+    return (f"; its 95 % interval [{_g(low)}, {_g(high)}] (unadjusted) excludes the preregistered effect "
+            f"{'−' if negative else '+'}{h.effect:g}: an effect in the claimed direction, if any, is smaller")
+
+
+def _shown(path: str) -> str:
+    """A path relative to the working directory when it lies below it (reports kept in a repo)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
 
 
 def _g(value, digits: int = 3) -> str:
@@ -439,7 +463,7 @@ def report_text(study: dict, results: list[dict], comparison_md: str, difference
                      for label, arm in study["arms"].items())
     lines.append(f"Grid: model {grid['model']}, data {grid['data']}, {grid['epochs']} epochs, schedule "
                  f"{grid.get('schedule', 'step')}, seeds {grid['seeds']}; arms: {arms}. Study file: "
-                 f"`{study['path']}`.\n")
+                 f"`{_shown(study['path'])}`.\n")
     lines.append("Verdicts: one-sided Welch t-tests (equivalence: two one-sided tests), Holm-corrected in one "
                  "family (every claim and its opposite); a test with less than its preregistered power for the "
                  "preregistered effect is **underpowered**, whatever its p; else supported / contradicted (the "

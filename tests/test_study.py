@@ -1,5 +1,6 @@
 """study: file checks, the launch commands, and verdicts on run directories with known numbers."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,13 +53,19 @@ def fill_runs(root):
 def test_shipped_studies_load():
     first = load_study("discussion_first")
     assert list(first["arms"]) == ["uniform", "depth_linear", "reversed", "fixed_linear"]
-    assert first["arms"]["reversed"] == {"name": "depth_linear",
+    assert first["arms"]["reversed"] == {"name": "depth_linear", "seeds": [0, 1, 2, 3, 4],
                                          "overrides": ["controller.first=0.5", "controller.last=1.5"]}
     assert first["grid"]["schedule"] == "step" and first["grid"]["data"] == "imagefolder"
     assert {h.kind for h in first["hypotheses"]} == {"equiv", "<", ">"}
     powered = load_study("powered_first")  # preregistered with effects: every test has a power
     assert len(powered["grid"]["seeds"]) == 18 and all(h.effect for h in powered["hypotheses"])
     assert seeds_needed(0.005, 0.005, equivalence=True) == 18
+    look = load_study("first_look")  # the powered study: its files ship beside it
+    assert look["arms"]["uniform"]["seeds"] == list(range(12)) and look["arms"]["rnn_meta"]["seeds"] == [0, 1, 2, 3]
+    assert all(h.effect for h in look["hypotheses"])
+    for arm, key in (("replay", "controller.curve="), ("rnn_meta", "controller.weights=")):
+        path = next(o for o in look["arms"][arm]["overrides"] if o.startswith(key)).split("=", 1)[1]
+        assert (Path(__file__).parents[1] / path).is_file(), path
     smoke = load_study("digits_smoke")
     assert len(smoke["arms"]) == 3 and smoke["grid"]["seeds"] == [0, 1]
 
@@ -202,3 +209,56 @@ def test_report_aggregates_each_arm_by_its_interquartile_mean(study_file, tmp_pa
     iqm, low, high = iqm_ci(FINAL_ACC["slow"])
     row = next(line for line in text.splitlines() if line.startswith("| slow | 4 |"))
     assert f"{iqm:.4g} [{low:.4g}, {high:.4g}]" in row
+
+
+def test_arm_seeds_and_pilot_runs(tmp_path, capsys):
+    """An arm may have its own seeds (run, and the grid a report checks, follow them); --seeds
+    and --arms run other seeds of some arms (a pilot); a bad arm is one line."""
+    study = dict(STUDY, grid=dict(STUDY["grid"], controllers=[
+        {"name": "uniform"}, {"label": "fast", "name": "depth_linear", "seeds": [0, 1]}]), hypotheses=[])
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study))
+    loaded = load_study(str(path))
+    commands = run_study(loaded, root=tmp_path, dry_run=True)
+    assert ["seed=0,1,2,3" in c for c in commands] == [True, False] and "seed=0,1" in commands[1]
+    pilot = run_study(loaded, root=tmp_path / "pilot", dry_run=True, seeds=[100, 101], arms=["fast"])
+    assert len(pilot) == 1 and "+arm=fast" in pilot[0] and "seed=100,101" in pilot[0]
+    assert main(["run", str(path), "--arms", "fast,nope", "--dry-run"]) == 2
+    assert "--arms names nope" in capsys.readouterr().err
+    from meta_llr.study import grid_differences
+    make_run(tmp_path / "s", "fast-s0", "depth_linear", 0, arm="fast")
+    make_run(tmp_path / "s", "fast-s1", "depth_linear", 1, arm="fast")
+    from meta_llr.runs import find_runs
+    differences = grid_differences(loaded, find_runs(tmp_path / "s"))
+    assert not any("arm fast" in d for d in differences) and any("arm uniform" in d for d in differences)
+
+
+def test_report_out_writes_the_report_beside_its_figures_with_commands_and_discussion(tmp_path):
+    fill_runs(tmp_path)
+    (tmp_path / "known.md").write_text("## Discussion\n\nWhat held.")
+    study = dict(STUDY, commands=["python -m meta_llr.study run known"], discussion="known.md")
+    path = tmp_path / "known.yaml"
+    path.write_text(yaml.safe_dump(study))
+    out = tmp_path / "docs" / "known-report.md"
+    out.parent.mkdir()
+    written, _ = report_study(load_study(str(path)), root=tmp_path, to=out)
+    text = written.read_text()
+    assert written == out and (tmp_path / "docs" / "known-report" / "curves.png").is_file()
+    assert "](known-report/curves.png)" in text
+    assert text.index("python -m meta_llr.study run known") < text.index("| id | claim")
+    assert "## Discussion\n\nWhat held." in text
+    (tmp_path / "known.md").unlink()
+    with pytest.raises(UserError, match="discussion known.md is not a file"):
+        load_study(str(path))
+
+
+def test_a_powered_null_says_when_its_interval_excludes_the_preregistered_effect():
+    from meta_llr.study import Hypothesis, _excludes
+
+    h = Hypothesis("H", "a faster", "loss_auc", "<", "a", "b", None, "b", 0.05, "a < b", effect=0.1)
+    assert "excludes the preregistered effect −0.1" in _excludes(h, {"diff_ci": (-0.05, 0.04)})
+    assert _excludes(h, {"diff_ci": (-0.15, 0.04)}) == ""          # −0.1 still inside: nothing ruled out
+    up = Hypothesis("H", "a slower", "loss_auc", ">", "a", "b", None, "b", 0.05, "a > b", effect=0.1)
+    assert "+0.1" in _excludes(up, {"diff_ci": (-0.05, 0.04)}) and _excludes(up, {"diff_ci": (0.0, 0.2)}) == ""
+    flipped = Hypothesis("H", "a faster", "loss_auc", "<", "a", "b", None, "a", 0.05, "a < b", effect=0.1)
+    assert "+0.1" in _excludes(flipped, {"diff_ci": (-0.05, 0.04)})   # baseline a: the claim is b − a > 0
