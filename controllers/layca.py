@@ -73,6 +73,10 @@ class Layca(Controller):
         with torch.no_grad():
             self.initial_norm = self.per_layer.norm(self.kernels)
         self.zero, self.one = torch.zeros((), device=device), torch.ones((), device=device)
+        # The kernels as one flat vector: a view of the run's parameter buffer, where they lie
+        # back to back (meta_llr.optim.flatten_); elsewhere a copy per step, written back.
+        kernels = [k.detach() for k in self.kernels]  # same storage, outside autograd
+        self.kernels_flat = self.per_layer.flat_view(kernels) if self.per_layer.is_block(kernels) else None
 
     def scales(self, step: int) -> torch.Tensor:
         return self.multipliers
@@ -91,7 +95,7 @@ class Layca(Controller):
         # and with P = 0 (no orthogonal step) ρ = 0: w_new = w·‖w(0)‖/‖w‖.
         pl = self.per_layer
         w = pl.flat_view([b[k] for b, ks in zip(before, self.kernel_index) for k in ks])
-        k = pl.flat_view(self.kernels)
+        k = self.kernels_flat if self.kernels_flat is not None else pl.flat(self.kernels)
         s = w - k
         ws = torch.stack([w, s])
         (ww, _), (sw, ss) = pl.totals_of_flat((ws.unsqueeze(1) * ws.unsqueeze(0)).flatten(0, 1)).view(2, 2, -1)
@@ -103,7 +107,7 @@ class Layca(Controller):
         beta = torch.where(moves, self.initial_norm * rho / (root * p.sqrt()), self.zero)
         alpha = torch.addcmul(self.initial_norm / (root * ww.sqrt()), beta, q - 1)
         k.mul_(pl.expand(beta)).addcmul_(w, pl.expand(alpha))
-        if not pl.is_block(self.kernels):  # k was a copy
+        if self.kernels_flat is None:  # k was a copy
             pl.unflat_into(k, self.kernels)
 
     def state_dict(self) -> dict:

@@ -65,9 +65,9 @@ The scale (``mode``):
 The step at ``k`` uses ``d_l`` from before ``g_k`` enters the estimate (the paper's order);
 ``G_l`` includes ``g_k`` (as Adam's ``v`` does). A layer with no gradient yet has ``η* = 0``.
 
-Cost per step: two flat copies (the gradient and the weights, 2× P transient), two per-layer
-dot products and one per-layer norm over the flat vectors, one scaled add into ``s``: about
-six passes over the parameters, no host sync (measured on one CPU thread: 0.9 ms for the 94 k
+Cost per step: two flat copies (the gradient and the weights, 2× P transient), the three
+per-layer sums ``‖g‖², ⟨g, x0 − x⟩, ‖s‖²`` (AdamW: ``Σ|s|``) in one segmented reduction over a
+``[3, P]`` stack, one scaled add into ``s``: about six passes over the parameters, no host sync (measured on one CPU thread: 0.9 ms for the 94 k
 parameters of ``shallow``, 6.3 ms for 1.5 M, ~4 ns per parameter, a few % of a step). Memory: ``x0`` (1× P) and ``s`` (1× P), float32,
 plus ``[L]`` vectors (``d, r`` and the gradient EMA): 2× the parameter bytes. ``records()``
 writes ``prodigy_layer.csv``: per evaluation and layer, ``d_l`` and (SGD) ``G_l``.
@@ -127,12 +127,6 @@ class ProdigyLayer(Controller):
         self.zero = torch.zeros((), device=device)
         self.t = 0  # steps seen (host): bias correction of the EMA
         self.history: list[tuple[int, list[float], list[float]]] = []  # (step, d, G) at evaluations
-
-    def layer_norm(self, flat: torch.Tensor) -> torch.Tensor:
-        """``‖·‖₁`` (AdamW) or ``‖·‖₂`` (SGD) of each layer's part of a flat vector."""
-        if self.adam:
-            return self.per_layer.total_of_flat(flat.abs())
-        return self.per_layer.dot_of_flat(flat, flat).clamp_min(0).sqrt()
 
     def grad_rms(self) -> torch.Tensor:
         """``G_l``: the bias-corrected RMS of the layer's gradient norm (SGD)."""

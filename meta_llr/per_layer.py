@@ -125,8 +125,8 @@ class PerLayer:
 
     def scale_(self, flat: torch.Tensor, per_layer: torch.Tensor) -> torch.Tensor:
         """Multiply, in place, each layer's part of a flat vector by its entry of ``per_layer``."""
-        if self.fused:  # one [L] -> [numel] expansion (no sync with output_size) and one multiply
-            return flat.mul_(per_layer.repeat_interleave(self.layer_numel, output_size=self.numel))
+        if self.fused:  # one [L] -> [numel] gather and one multiply
+            return flat.mul_(self.expand(per_layer))
         for piece, value in zip(flat.split(self.layer_sizes), per_layer.unbind()):
             piece.mul_(value)
         return flat

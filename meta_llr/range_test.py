@@ -13,10 +13,10 @@ the layer's own step-size limit (about ``2/(η·h_l)`` for a layer of curvature 
 stops when its loss is not finite or exceeds 4 times its first; the snapshot is restored
 exactly before the next one.
 
-From each probe's losses, smoothed by an exponential moving average (factor 0.9,
-bias-corrected): ``best``, the scale at the smallest smoothed loss, and ``limit``, the first
-scale after it where the smoothed loss exceeds 4 times that minimum (or where the probe
-stopped; the top of the range if neither). Written to ``OUT``:
+From each probe's losses: ``best``, the scale at the smallest loss smoothed by an exponential
+moving average (factor 0.9, bias-corrected), and ``limit``, the largest scale before divergence
+(:func:`read_probe`: where the loss began its rise into the first loss above 4 times the
+smallest before it; the top of the range if there is none). Written to ``OUT``:
 
 * ``range_test.csv``: ``probe, step, scale, loss`` for every step of every probe;
 * ``range_test.md``: the table, the command, and a suggested starting profile: the least-squares
@@ -60,6 +60,11 @@ class RangeProbe:
         return self.low * (self.high / self.low) ** t
 
 
+def stops(losses: list[float]) -> bool:
+    """Whether a probe stops at its last loss: not finite, or above 4 times its first."""
+    return not math.isfinite(losses[-1]) or losses[-1] > BLOW_UP * losses[0]
+
+
 def sweep(model: torch.nn.Module, loss_of, batches, layer_params, lr: float, low: float, high: float,
           steps: int, bar=None) -> list[list[float]]:
     """One probe per layer, then one for all: from the model's present weights and buffers and on
@@ -81,7 +86,7 @@ def sweep(model: torch.nn.Module, loss_of, batches, layer_params, lr: float, low
             losses.append(float(loss.detach()))  # one host read a step: this is a diagnostic, not training
             if bar is not None:
                 bar.update(1)
-            if not math.isfinite(losses[-1]) or losses[-1] > BLOW_UP * losses[0]:
+            if stops(losses):
                 break
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad():
@@ -180,7 +185,7 @@ def range_test(overrides: list[str], out: Path, steps: int = 100, low: float = 1
     rows = []
     for index, (name, losses) in enumerate(zip([layer.name for layer in layers] + ["all layers"], all_losses)):
         probe = RangeProbe(index if index < len(layers) else None, low, high, steps)
-        stopped = len(losses) < steps or not math.isfinite(losses[-1]) or losses[-1] > BLOW_UP * losses[0]
+        stopped = stops(losses)
         rows.append({"name": name, "index": probe.layer, "status": "diverged" if stopped else "finished",
                      "losses": losses, **read_probe(losses, probe, len(losses) - 1 if stopped else None)})
     return rows

@@ -557,6 +557,8 @@ def plan_study(study: dict, pilot: str | Path) -> str:
     for setting in comparison.settings:
         groups = {label.split(" [")[0]: g for label, g in setting.groups.items()}
         for h in study["hypotheses"]:
+            if h.a not in groups and h.b not in groups:  # as in judge: a setting without these arms
+                continue
             a, b = (groups[arm].metric(h.metric) if arm in groups else np.array([]) for arm in (h.a, h.b))
             sd = pooled_sd(a, b)
             planned = min(len(study["arms"][arm]["seeds"]) for arm in (h.a, h.b))

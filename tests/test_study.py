@@ -262,3 +262,13 @@ def test_a_powered_null_says_when_its_interval_excludes_the_preregistered_effect
     assert "+0.1" in _excludes(up, {"diff_ci": (-0.05, 0.04)}) and _excludes(up, {"diff_ci": (0.0, 0.2)}) == ""
     flipped = Hypothesis("H", "a faster", "loss_auc", "<", "a", "b", None, "a", 0.05, "a < b", effect=0.1)
     assert "+0.1" in _excludes(flipped, {"diff_ci": (-0.05, 0.04)})   # baseline a: the claim is b − a > 0
+
+
+def test_a_setting_without_a_hypothesis_arms_is_not_judged_or_planned(study_file, tmp_path, capsys):
+    fill_runs(tmp_path)
+    make_run(tmp_path / "known", "stray-s0", "uniform", 0, model="mlp", arm="stray")  # another setting, no arms of the file
+    _, results = report_study(load_study(str(study_file)), root=tmp_path, figures=False)
+    assert len(results) == len(STUDY["hypotheses"]) and all(r["n_a"] == 4 for r in results)
+    assert main(["plan", str(study_file), "--pilot", str(tmp_path / "known")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| H_")]
+    assert len(rows) == len(STUDY["hypotheses"])
