@@ -16,8 +16,9 @@ learned optimizers do (Andrychowicz et al. 2016, arXiv 1606.04474; Metz et al. 2
 arXiv 2009.11243). ``cos(g_l(t), −u_l(t−1))`` is the cosine between this gradient and the
 previous update's direction: exactly the previous gradient's for SGD without momentum or
 decay, the momentum buffer's otherwise; it costs no copy of the gradient. Layer rotation is
-``1 − cos(w_l(t), w_l(0))`` over the kernels (Carbonnelle & De Vleeschouwer, arXiv 1806.01603)
-and needs one half-precision copy of the initial kernels (≤ 0.5× the parameter bytes).
+``1 − cos(w_l(t), w_l(0))`` over the layer's kernels taken together (Carbonnelle & De
+Vleeschouwer, arXiv 1806.01603) and needs one half-precision copy of the initial kernels, each
+layer's scaled to unit norm (≤ 0.5× the parameter bytes).
 
 How the learner learns (``learn=``):
 
@@ -44,8 +45,12 @@ How the learner learns (``learn=``):
   Evolution strategies over whole runs (``meta_llr.metatrain``) have no truncation bias
   (Metz et al. 2019, arXiv 1810.10180).
 
-Cost: a few dozen tiny batched ops per firing (``[L, 8]`` features, one GRU cell on ``L`` rows),
-no host sync; the learner has ≈ 2k parameters with ``hidden=16``.
+Cost, in kernel ops (``python -m meta_llr.bench``; the same for every depth): 39 per firing beyond
+the loop's statistics (the features with one segmented sum for the rotation, the standardisation
+as one ``native_batch_norm``, the GRU as one ``addmm`` and four element-wise ops, the head, the
+scales), and with ``learn=online`` a meta step every ``horizon`` firings (the window replayed
+with autograd, one Adam step: ≈ 230 ops); no host sync. The learner has ≈ 2k parameters with
+``hidden=16``.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from meta_llr.errors import UserError
@@ -73,7 +79,16 @@ def _kernels(layer) -> list[torch.Tensor]:
 
 
 class Learner(nn.Module):
-    """The shared-weight GRU cell and its bounded output head."""
+    """The shared-weight GRU cell and its bounded output head.
+
+    The cell's parameters are ``torch.nn.GRUCell``'s (the weights files keep its names); the step
+    computes the same gates from one matrix ``[4H, I + H]`` (:meth:`gate_weights`): the input and
+    hidden parts of ``r, z`` summed by one product, ``W_in·x`` and ``W_hn·h`` side by side, so a
+    firing is one ``addmm``, not two and their sum::
+
+        [r_pre, z_pre, n_x, n_h] = [x, h] · Wᵀ + b,   r, z = σ(r_pre), σ(z_pre)
+        h' = lerp(tanh(n_x + r ⊙ n_h), h, z)           ((1 − z) ⊙ n + z ⊙ h, Cho et al. 2014)
+    """
 
     def __init__(self, hidden: int, mix: bool, seed: int, min_scale: float, max_scale: float):
         super().__init__()
@@ -88,12 +103,26 @@ class Learner(nn.Module):
         with torch.no_grad():  # tanh(a) = -c/r: the output starts at log s = log b
             self.head.bias.fill_(math.atanh(-self.center / self.radius))
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [L, F]``, ``h [L, H]`` -> (log-scale offset ``[L]``, new hidden ``[L, H]``)."""
-        if self.mix:
-            x = torch.cat([x, h.mean(0, keepdim=True).expand(h.shape[0], -1)], dim=1)
-        h = self.cell(x, h)
-        return self.center + self.radius * torch.tanh(self.head(h).squeeze(1)), h
+    def gate_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cell's parameters as one gate matrix ``[4H, I + H]`` and bias ``[4H]`` (rows
+        ``r, z, n_x, n_h``; differentiable)."""
+        cell, H = self.cell, self.cell.hidden_size
+        w_x, w_h, b_x, b_h = cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh
+        weight = torch.cat([torch.cat([w_x[:2 * H], w_h[:2 * H]], 1),
+                            F.pad(w_x[2 * H:], (0, H)), F.pad(w_h[2 * H:], (w_x.shape[1], 0))])
+        return weight, torch.cat([b_x[:2 * H] + b_h[:2 * H], b_x[2 * H:], b_h[2 * H:]])
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, gates: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [L, F]``, ``h [L, H]``, ``gates`` from :meth:`gate_weights` -> (``tanh`` of the
+        head ``[L]``, new hidden ``[L, H]``); the log-scale offset is ``center + radius·tanh``."""
+        H = h.shape[1]
+        inputs = [x, h.mean(0, keepdim=True).expand(h.shape[0], -1), h] if self.mix else [x, h]
+        pre = torch.addmm(gates[1], torch.cat(inputs, 1), gates[0].t())
+        rz = pre[:, :2 * H].sigmoid()
+        n = torch.addcmul(pre[:, 2 * H:3 * H], rz[:, :H], pre[:, 3 * H:]).tanh()
+        h = torch.lerp(n, h, rz[:, H:])
+        return self.head(h).squeeze(1).tanh(), h
 
 
 @register("rnn_meta")
@@ -177,6 +206,7 @@ class RNNMeta(Controller):
         with torch.no_grad():
             for name, p in own.items():
                 p.copy_(params[name])
+        self.refresh()
 
     def flat(self) -> torch.Tensor:
         """All learner parameters as one 1-D float32 CPU tensor (for evolution strategies)."""
@@ -188,6 +218,7 @@ class RNNMeta(Controller):
             for p in self.learner.parameters():
                 p.copy_(vector[i:i + p.numel()].view_as(p))
                 i += p.numel()
+        self.refresh()
 
     # ------------------------------------------------------------------ setup
     def setup(self, layers, plan):
@@ -197,16 +228,32 @@ class RNNMeta(Controller):
             self.attach_lookahead(plan.lookahead)
         self.learner.to(device)
         self.params = list(self.learner.parameters())
-        self.log_base = self._baseline_table(device)        # [rows, L]
+        self.refresh()
+        self.log_base = self._baseline_table(device) + self.learner.center   # [rows, L]: log b_l + c
         self.depth_dev = self.depths.to(device)
+        steps = plan.total_steps
+        self.progress = (torch.arange(steps, dtype=torch.float64) / steps).float().to(device)
+        # Rotation: the initial kernels, each layer's scaled to unit norm, flat, in half precision
+        # (a feature, not a measurement): with the loop's update buffer the extra state stays
+        # within 2x the parameters. The run keeps the kernels back to back (parameter_order), so
+        # they are read as one vector with no copy.
         self.kernels = [k for layer in layers for k in _kernels(layer)]
-        self.per_layer = PerLayer(self.kernels, [l.index for l in layers for _ in _kernels(l)], L, device)
-        # the initial kernels, flat, in half precision (rotation is a feature, not a measurement):
-        # with the loop's update buffer this keeps the extra state within 2x the parameters
-        self.initial = self.per_layer.flat([k.detach() for k in self.kernels]).to(torch.float16)
-        self.initial_norms = torch.stack(torch._foreach_norm([k.detach() for k in self.kernels]))
-        self.normalised = torch.zeros(NUM_FEATURES, dtype=torch.bool, device=device)
-        self.normalised[NORMALISED] = True
+        layer_of = [layer.index for layer in layers for _ in _kernels(layer)]
+        self.per_layer = PerLayer(self.kernels, layer_of, L, device)
+        norm0 = self.per_layer.norm([k.detach().float() for k in self.kernels]).clamp_min(EPS)
+        self.initial = self.per_layer.flat([k.detach() / norm0[i] for k, i in zip(self.kernels, layer_of)]
+                                           ).to(torch.float16)
+        # The standardisation as one affine map (native_batch_norm with the running moments):
+        # columns not standardised keep mean 0 and variance 1, and the map writes cos(g, −u) and
+        # 1 − cos(w, w0) from the raw quotients (weight −1; bias 1 on the rotation).
+        normalised = torch.zeros(NUM_FEATURES, device=device)
+        normalised[NORMALISED] = 1.0
+        self.moment_mask = normalised.repeat(2)                 # [mean_F, mean_sq_F]
+        self.affine_weight = torch.ones(NUM_FEATURES, device=device)
+        self.affine_weight[[3, 4]] = -1.0
+        self.affine_bias = torch.zeros(NUM_FEATURES, device=device)
+        self.affine_bias[4] = 1.0
+        self.moment_weights = self._moment_weights(device)
         zeros = lambda *shape: torch.zeros(*shape, device=device)
         self.hidden_state = zeros(L, H)
         slots = 2 * self.horizon                             # double-buffered BPTT windows
@@ -214,16 +261,34 @@ class RNNMeta(Controller):
         self.window_signal = zeros(slots, L)
         self.window_start = zeros(2, L, H)
         self.signal_sq = zeros(L)                            # running mean of signal² per layer
-        self.feature_mean, self.feature_sq = zeros(NUM_FEATURES), zeros(NUM_FEATURES)
-        self.prev_update_norm = zeros(L)
+        # bias-corrected running means over layers and time of x and x² (standardised columns)
+        self.feature_moments = torch.cat([zeros(NUM_FEATURES), torch.ones(NUM_FEATURES, device=device)])
+        self.prev_update_norm = torch.full((L,), EPS, device=device)   # ‖u(t−1)‖, clamped
         self.log_loss_avg = zeros(())
         self.adam_m = [torch.zeros_like(p) for p in self.params]
         self.adam_v = [torch.zeros_like(p) for p in self.params]
         self.meta_steps = 0
-        with torch.no_grad():                                # output 0, from zero features
-            self.offset, self.hidden_state = self.learner(self.window_x[0], self.hidden_state)
+        with torch.no_grad():                                # output from zero features
+            self.squashed, self.hidden_state = self.learner(self.window_x[0], self.hidden_state, self.gates)
         self.current = zeros(L)
         self._set_scales(0)
+
+    def refresh(self) -> None:
+        """Rebuild the gate matrix from the learner's parameters: after they change (a meta step,
+        loaded weights); changing them otherwise takes effect at the next call."""
+        with torch.no_grad():
+            self.gates = self.learner.gate_weights()
+
+    def _moment_weights(self, device) -> torch.Tensor:
+        """Row ``f``: the weight of firing ``f``'s moments in their bias-corrected running mean,
+        ``(1 − d) / (1 − dᶠ)`` (``m̂_f = lerp(m̂_{f−1}, x_f, ·)`` equals ``m_f / (1 − dᶠ)``), 0 on the
+        columns not standardised; kept until ``dᶠ`` is below float32 resolution (at most 65,536 rows)."""
+        settled = math.ceil(math.log(2.0 ** -25) / math.log(self.decay))
+        rows = min(settled, self.plan.total_steps // self.every + 1, 65536)
+        fires = torch.arange(rows + 1, dtype=torch.float64).clamp_min(1)
+        weight = (1 - self.decay) / (1 - self.decay ** fires)
+        self.moments_settled = rows == settled
+        return (weight.unsqueeze(1).float().to(device) * self.moment_mask)
 
     def _baseline_table(self, device) -> torch.Tensor:
         L = self.num_layers
@@ -274,8 +339,9 @@ class RNNMeta(Controller):
         return scales[index].log().float().to(device)        # piecewise constant, like the trace
 
     def _set_scales(self, step: int) -> None:
+        """``s = exp(log b + c + r·tanh(·))``, written into the tensor ``scales`` returns."""
         base = self.log_base[min(step, len(self.log_base) - 1)]
-        torch.exp(base + self.offset, out=self.current)
+        torch.add(base, self.squashed, alpha=self.learner.radius, out=self.current).exp_()
 
     def scales(self, step: int) -> torch.Tensor:
         if len(self.log_base) > 1 and step % self.every != 0:   # a replayed baseline moves every step
@@ -292,59 +358,73 @@ class RNNMeta(Controller):
         # 1) the signal for the output used at step-1 (online: ∂L(t)/∂log s(t−1)).
         if step >= 1 and self.learn == "online":
             slot = ((step - 1) // every) % (2 * k)
-            self.window_signal[slot].add_(stats["grad_dot_prev_update"])
-        log_loss = stats["loss"].float().clamp_min(EPS).log()
-        if step == 0:
-            self.log_loss_avg.copy_(log_loss)
-        fire = (step + 1) % every == 0
-        if fire:
-            features = self._features(step, stats, log_loss)
-        self.log_loss_avg.lerp_(log_loss, 0.1)
-        self.prev_update_norm.copy_(stats["update_norm"])
+            if (step - 1) % every == 0:                         # the output's first signal
+                self.window_signal[slot].copy_(stats["grad_dot_prev_update"])
+            else:
+                self.window_signal[slot].add_(stats["grad_dot_prev_update"])
         # 2) a window of `horizon` outputs with complete signals: one meta step.
         if self.learn != "off" and step % every == 0 and step >= every:
             done = step // every - 1                            # this output's signal is complete
             if (done + 1) % k == 0:
                 self._meta_step(done + 1 - k)
+        fire = (step + 1) % every == 0
+        n = (step + 1) // every                                 # the next output, used from step + 1 on
+        slot = n % (2 * k)
+        if fire:
+            log_loss = self._features(step, stats, out=self.window_x[slot])
+        else:
+            log_loss = stats["loss"].float().clamp_min(EPS).log()
+            if step == 0:
+                self.log_loss_avg.copy_(log_loss)
+            self.prev_update_norm = stats["update_norm"].clamp_min(EPS)
+        self.log_loss_avg.lerp_(log_loss, 0.1)
         if not fire:
             return
-        # 3) the next output, n = (step + 1) // every, used from step + 1 on.
-        n = (step + 1) // every
-        slot = n % (2 * k)
+        # 3) the next output
         if n % k == 0:
             self.window_start[(n // k) % 2].copy_(self.hidden_state)
-        self.window_x[slot].copy_(features)
-        self.window_signal[slot].zero_()
-        self.offset, self.hidden_state = self.learner(features, self.hidden_state)
+        if self.learn == "unrolled":
+            self.window_signal[slot].zero_()
+        self.squashed, self.hidden_state = self.learner(self.window_x[slot], self.hidden_state, self.gates)
         self._set_scales(step + 1)
         if self.learn == "unrolled" and (step + 1) % self.meta_every == 0:
             self.window_signal[slot].copy_(self._unrolled_signal(step + 1))
 
-    def _features(self, step, stats, log_loss) -> torch.Tensor:
-        grad_norm, weight_norm, update_norm = stats["grad_norm"], stats["weight_norm"], stats["update_norm"]
+    def _features(self, step, stats, out: torch.Tensor) -> torch.Tensor:
+        """Writes this firing's standardised features ``[L, F]`` into ``out``; returns ``log L(t)``."""
         L = self.num_layers
-        dot_l = self.per_layer.total_of_flat(self.per_layer.flat(self.kernels) * self.initial)
-        norm_l = self.per_layer.combine(torch.stack(torch._foreach_norm(self.kernels)) * self.initial_norms)
-        log_w = weight_norm.clamp_min(EPS).log()
+        theta = self.per_layer.flat_view(self.kernels)
+        rows = torch.stack([self.initial, theta]).mul_(theta)             # [ŵ0·w, w·w]
+        dot, kernel_sq = self.per_layer.totals_of_flat(rows).unbind()   # per layer, over its kernels
+        clamped = torch.stack([stats["grad_norm"], stats["weight_norm"], stats["update_norm"],
+                               stats["loss"].float().expand(L), kernel_sq]).clamp_min_(EPS)
+        logs = clamped.log()
+        if step == 0:
+            self.log_loss_avg.copy_(logs[3, 0])
         x = torch.stack([
-            grad_norm.clamp_min(EPS).log(),
-            log_w,
-            update_norm.clamp_min(EPS).log() - log_w,
-            -stats["grad_dot_prev_update"] / (grad_norm * self.prev_update_norm).clamp_min(EPS),
-            1 - dot_l / norm_l.clamp_min(EPS),
+            logs[0],
+            logs[1],
+            logs[2] - logs[1],
+            stats["grad_dot_prev_update"] / (clamped[0] * self.prev_update_norm),  # −cos(g, −u(t−1))
+            dot * clamped[4].rsqrt(),                                              # cos(w, w0)
             self.depth_dev,
-            torch.full_like(grad_norm, self.plan.progress(step)),
-            (log_loss - self.log_loss_avg).expand(L),
+            self.progress[step].expand(L),
+            logs[3] - self.log_loss_avg,
         ], dim=1)
-        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4).clamp(-1e4, 1e4)  # a diverging run
-        # running standardisation (bias-corrected EMAs over layers and time)
+        # A diverging run: inf -> ±1e4 (finite features are bounded: logs of clamped norms, cosines).
+        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)
+        self.prev_update_norm = clamped[2]
         fires = step // self.every + 1
-        self.feature_mean.lerp_(x.mean(0), 1 - self.decay)
-        self.feature_sq.lerp_((x * x).mean(0), 1 - self.decay)
-        correction = 1 - self.decay ** fires
-        mean, sq = self.feature_mean / correction, self.feature_sq / correction
-        std = (sq - mean * mean).clamp_min(1e-8).sqrt()
-        return torch.where(self.normalised, (x - mean) / std, x).clamp(-5, 5)
+        if fires < len(self.moment_weights) or self.moments_settled:
+            weight = self.moment_weights[min(fires, len(self.moment_weights) - 1)]
+        else:
+            weight = self.moment_mask * ((1 - self.decay) / (1 - self.decay ** fires))
+        self.feature_moments.lerp_(torch.cat([x, x * x], 1).mean(0), weight)
+        mean, mean_sq = self.feature_moments.view(2, NUM_FEATURES)
+        var = torch.addcmul(mean_sq, mean, mean, value=-1).clamp_min_(1e-8)
+        z = torch.native_batch_norm(x, self.affine_weight, self.affine_bias, mean, var, False, 0.0, 0.0)[0]
+        torch.clamp(z, -5, 5, out=out)
+        return logs[3, 0]
 
     def _meta_step(self, first: int) -> None:
         """Replay outputs ``first .. first+horizon-1`` with the current weights; one Adam step."""
@@ -355,15 +435,24 @@ class RNNMeta(Controller):
         self.signal_sq.lerp_((signal * signal).mean(0), 0.1)
         self.meta_steps += 1
         rms = (self.signal_sq / (1 - 0.9 ** self.meta_steps)).sqrt()
-        signal = signal / (rms + 1e-30)
+        signal = signal * (self.learner.radius / (rms + 1e-30))   # ∂ offset / ∂ tanh = radius
         h = self.window_start[(first // k) % 2]
-        surrogate = torch.zeros((), device=h.device)
-        with torch.enable_grad():
+        with torch.enable_grad():  # differentiated w.r.t. the gate matrix, then split into the cell's
+            weight, bias = (t.detach().requires_grad_() for t in self.gates)
+            outputs = []
             for j in range(k):
-                offset, h = self.learner(inputs[j], h)
-                surrogate = surrogate + (signal[j] * offset).sum()
-            grads = torch.autograd.grad(surrogate, self.params)
-        self._adam(grads)
+                squashed, h = self.learner(inputs[j], h, (weight, bias))
+                outputs.append(squashed)
+            surrogate = (signal * torch.stack(outputs)).sum()
+            d_weight, d_bias, *d_head = torch.autograd.grad(surrogate, [weight, bias, *self.learner.head.parameters()])
+        H = self.hidden
+        I = d_weight.shape[1] - H
+        self._adam([torch.cat([d_weight[:2 * H, :I], d_weight[2 * H:3 * H, :I]]),   # weight_ih
+                    torch.cat([d_weight[:2 * H, I:], d_weight[3 * H:, I:]]),        # weight_hh
+                    torch.cat([d_bias[:2 * H], d_bias[2 * H:3 * H]]),               # bias_ih
+                    torch.cat([d_bias[:2 * H], d_bias[3 * H:]]),                    # bias_hh
+                    *d_head])
+        self.refresh()
 
     @torch.no_grad()
     def _adam(self, grads, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
@@ -415,8 +504,8 @@ class RNNMeta(Controller):
         return grad.detach()
 
     # ------------------------------------------------------------------ state
-    _STATE = ("hidden_state", "window_x", "window_signal", "window_start", "signal_sq", "feature_mean",
-              "feature_sq", "prev_update_norm", "log_loss_avg", "offset", "current", "initial_norms")
+    _STATE = ("hidden_state", "window_x", "window_signal", "window_start", "signal_sq", "feature_moments",
+              "prev_update_norm", "log_loss_avg", "squashed", "current")
 
     def state_dict(self) -> dict:
         state = {name: getattr(self, name).clone() for name in self._STATE}
@@ -426,11 +515,17 @@ class RNNMeta(Controller):
         return state
 
     def load_state_dict(self, state) -> None:
+        missing = [name for name in (*self._STATE, "learner", "initial") if name not in state]
+        if missing or state["initial"].shape != self.initial.shape:
+            raise UserError("the checkpoint's rnn_meta state is from another version of the controller "
+                            f"({'missing ' + ', '.join(missing) if missing else 'other rotation state'}); "
+                            "start the run over in a new directory")
         for name in self._STATE:
             getattr(self, name).copy_(state[name])
         with torch.no_grad():
             for name, p in self.learner.state_dict().items():
                 p.copy_(state["learner"][name])
+        self.refresh()
         torch._foreach_copy_(self.adam_m, list(state["adam_m"]))
         torch._foreach_copy_(self.adam_v, list(state["adam_v"]))
         self.initial.copy_(state["initial"])

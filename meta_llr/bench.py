@@ -43,12 +43,15 @@ Launch work, per variant: ``kernel_ops`` = ATen ops dispatched in one ordinary t
 (counted below autograd with a ``TorchDispatchMode``, views and ``detach`` apart in
 ``view_ops``), ``extra_kernel_ops`` = that minus bare's. On a GPU each is about one kernel
 launch, a few microseconds of host time the step cannot hide when it is short; the count is
-exact and the same on any machine, so it shows launch overhead where no GPU is at hand. (A
+exact and the same on any machine, so it shows launch overhead where no GPU is at hand.
+``extra_kernel_ops_mean`` is the mean of the same difference over the next ``--ops-steps`` (20)
+ordinary steps: the per-step share of work a controller does every k steps (``hessian_secant``'s
+probe, ``rnn_meta``'s meta step), which the one counted step may miss. (A
 ``torch._foreach_*`` op counts once even where it falls back to one kernel per tensor, and
 ``cat`` of more than 128 tensors is one op but several launches; torch.optim's profiler markers
 are not counted: they launch nothing.) Targets (``ops_target``, ``meets_ops``), whatever the
 depth: at most 6 extra ops for ``uniform`` and the baselines, 40 for adaptive controllers,
-60 for ``rnn_meta``.
+60 for ``rnn_meta``, on the one counted step.
 
 Memory, per variant: ``extra_state_bytes`` counts, once per storage, the tensors reachable
 from ``controller.state_dict()`` and the controller's attributes (lists, tuples, dicts
@@ -102,6 +105,7 @@ MEMORY_PER_LAYER = 1024  # bytes of allowance per layer for per-layer scalars on
 # Options a controller is benchmarked with, where it has them (the issue's setting).
 BENCH_OVERRIDES = {"rnn_meta": {"learn": "online"}}
 SYNC_CHECK_STEPS = 50
+OPS_STEPS = 20  # covers hessian_secant's probe interval (10) and rnn_meta's meta-step window (4)
 DEFAULTS = {"cpu": dict(batch=256, steps=8, warmup=1, block=1),
             "cuda": dict(batch=512, steps=100, warmup=10, block=10)}
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
@@ -264,6 +268,7 @@ class Variant:
     reference_ms: list = dataclasses.field(default_factory=list)  # bare's block just before each of them
     transient_peak: int = 0
     ops: tuple = (0, 0)           # (kernel ops, view ops) of one step, from count_ops
+    ops_mean: float = 0.0         # kernel ops per step, mean over --ops-steps more steps
     run: object = None
     bare: BareLoop | None = None
 
@@ -373,6 +378,7 @@ def measure(model_name: str, controllers: list[str], args, registry, workdir: Pa
               f"about {elapsed / (r + 1) * (rounds - r - 1):.0f} s left", flush=True)
     for variant in variants:
         variant.ops = count_ops(variant, batches)
+        variant.ops_mean = float(np.mean([count_ops(variant, batches)[0] for _ in range(args.ops_steps)]))
     return rows_for(model_name, variants, args, probe)
 
 
@@ -426,6 +432,7 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
     for variant in variants:
         kernel_ops, view_ops = variant.ops
         bare_ops = kernel_ops if bare_ops is None else bare_ops
+        bare_mean = variants[0].ops_mean
         p10, median, p90 = (float(v) for v in np.percentile(variant.times_ms, [10, 50, 90]))
         ratio = median / bare_median
         pairs = [a / b for a, b in zip(variant.block_ms, variant.reference_ms)]
@@ -451,6 +458,7 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
             "ratio_paired_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)], "verdict": verdict,
             "block_ratios": [round(r, 5) for r in pairs],
             "kernel_ops": kernel_ops, "extra_kernel_ops": kernel_ops - bare_ops, "view_ops": view_ops,
+            "extra_kernel_ops_mean": round(variant.ops_mean - bare_mean, 2), "ops_steps": args.ops_steps,
             "param_groups": len(optimizer.param_groups), "ops_target": variant.ops_target,
             "meets_ops": None if variant.ops_target is None else kernel_ops - bare_ops <= variant.ops_target,
             "target": variant.target, "meets_target": None if variant.target is None else ratio <= variant.target,
@@ -647,6 +655,9 @@ def parse_args(argv):
     parser.add_argument("--replicas", type=int, default=0,
                         help="S > 1: instead of the ratio table, S replicas in one process against S sequential "
                              "runs (images/s, kernel ops) for --controllers (default uniform)")
+    parser.add_argument("--ops-steps", type=int, default=OPS_STEPS,
+                        help="after the counted step, the mean kernel ops over this many more ordinary steps "
+                             "(extra_kernel_ops_mean: a controller's work every k steps, spread)")
     parser.add_argument("--sync-check", action="store_true",
                         help=f"instead of timing: {SYNC_CHECK_STEPS} steps per controller under "
                              "torch.cuda.set_sync_debug_mode('error')")
@@ -656,7 +667,7 @@ def parse_args(argv):
             setattr(args, key, value)
     if args.replicas == 1 or args.replicas < 0:
         raise UserError(f"--replicas must be >= 2 (or 0: off), got {args.replicas}")
-    for key in ("steps", "batch", "block", "synthetic_size", "plan_epochs"):
+    for key in ("steps", "batch", "block", "synthetic_size", "plan_epochs", "ops_steps"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.warmup < 0:

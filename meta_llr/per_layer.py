@@ -59,7 +59,7 @@ class PerLayer:
         self.ordered_shapes = [[t.shape[d] for d in order] for t, order in zip(tensors, self.orders)]
         self.sizes = [t.numel() for t in tensors]
         self.element_layer: torch.Tensor | None = None
-        self.lengths_by_rows: dict[int, torch.Tensor] = {}
+        self.lengths_by_rows: dict[tuple[str, int], torch.Tensor] = {}
 
     @classmethod
     def of_layers(cls, layers: Sequence, device: torch.device, keep=None) -> PerLayer:
@@ -68,16 +68,33 @@ class PerLayer:
         return cls([p for p, _ in chosen], [i for _, i in chosen], len(layers), device)
 
     def combine(self, per_tensor: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sum per-tensor values (a ``[T]`` tensor or a list of 0-d tensors) into ``[L]``."""
+        """Sum per-tensor values (a ``[T]`` tensor or a list of 0-d tensors) into ``[L]``, or
+        ``[K, T]`` (K lists' values side by side) into ``[K, L]``."""
         values = per_tensor if isinstance(per_tensor, torch.Tensor) else torch.stack(list(per_tensor))
         if values.dtype != torch.float32:
             values = values.float()
-        return torch.segment_reduce(values, "sum", lengths=self.tensor_counts)  # one op, in tensor order
+        if values.dim() == 1:
+            return torch.segment_reduce(values, "sum", lengths=self.tensor_counts)  # one op, in tensor order
+        return torch.segment_reduce(values, "sum", lengths=self._lengths("tensor_counts", values.shape[0]), axis=1)
+
+    def _lengths(self, name: str, rows: int) -> torch.Tensor:
+        """``self.<name>`` (segment lengths) repeated for ``rows`` rows, for ``segment_reduce``
+        along axis 1; built once per shape, on the CPU path too, so that a step's launches on
+        the GPU path (``fused``) do not depend on whether an earlier step took it."""
+        if (name, rows) not in self.lengths_by_rows:
+            self.lengths_by_rows[name, rows] = getattr(self, name).expand(rows, self.num_layers).contiguous()
+        return self.lengths_by_rows[name, rows]
 
     def sum_sq(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """``Σ x²`` over each layer's elements."""
         values = torch.stack(torch._foreach_norm(list(tensors))).float()
         return self.combine(values * values)
+
+    def norms(self, *lists: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[K, L]``: each layer's 2-norm in each of K lists of tensors (one ``_foreach_norm``
+        and one segmented sum for all K: 5 ops whatever K)."""
+        values = torch.stack(torch._foreach_norm([t for tensors in lists for t in tensors])).float()
+        return self.combine((values * values).view(len(lists), -1)).sqrt_()
 
     def norm(self, tensors: Sequence[torch.Tensor], p: float = 2) -> torch.Tensor:
         """The p-norm (p = 1 or 2) of each layer's elements."""
@@ -149,13 +166,19 @@ class PerLayer:
     def totals_of_flat(self, stacked: torch.Tensor) -> torch.Tensor:
         """``[K, numel]`` (K vectors laid out as :meth:`flat` lays them out) -> ``[K, L]`` per-layer
         sums: one float64 segmented reduction for all K on a GPU."""
+        lengths = self._lengths("layer_numel", stacked.shape[0])   # (built on either path)
         if not self.fused:
             return torch.stack([self.total_of_flat(row) for row in stacked.unbind()])
-        rows = stacked.shape[0]
-        if rows not in self.lengths_by_rows:
-            self.lengths_by_rows[rows] = self.layer_numel.expand(rows, self.num_layers).contiguous()
-        lengths = self.lengths_by_rows[rows]
         return torch.segment_reduce(stacked.double(), "sum", lengths=lengths, axis=1).float()
+
+    def totals(self, *lists: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[K, L]``: the sum of each layer's elements in each of K lists of tensors (on a GPU one
+        concatenation and one float64 segmented sum for all K)."""
+        if not self.fused:
+            self._lengths("layer_numel", len(lists))
+            return torch.stack([self.total(tensors) for tensors in lists])
+        pieces = [t.permute(order).reshape(-1) for tensors in lists for t, order in zip(tensors, self.orders)]
+        return self.totals_of_flat(torch.cat(pieces).view(len(lists), -1))
 
     def total(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """The sum of each layer's elements."""

@@ -302,11 +302,18 @@ class Run:
             if needs:
                 # A frozen parameter has no gradient: a shared 0-d zero stands in (norm 0, dot 0).
                 grads = [p.grad if p.grad is not None else self.zero for p in self.params]
-                if "grad_norm" in needs:
+                both = "grad_norm" in needs and "grad_dot_prev_update" in needs \
+                    and all(g is not self.zero for g in grads)
+                if "grad_norm" in needs and not both:
                     stats["grad_norm"] = self.per_layer.norm(grads)
                 if "grad_dot_prev_update" in needs:  # prev holds -u(t-1), see below; its last use,
                     torch._foreach_mul_(self.prev, grads)  # so multiply in place (one call, no copy)
-                    stats["grad_dot_prev_update"] = -self.per_layer.total(self.prev)
+                    if both:  # ‖g‖² and g·(-u) in one reduction
+                        squares, dots = self.per_layer.totals(torch._foreach_mul(grads, grads), self.prev)
+                        stats["grad_norm"] = squares.sqrt()
+                    else:
+                        dots = self.per_layer.total(self.prev)
+                    stats["grad_dot_prev_update"] = -dots
         controller.stats = stats
         scales = controller.scales(step)  # after backward: p.grad is this step's gradient
         if self.dist.active:  # every rank applies rank 0's scales (a copy: the controller's tensor stays its own)
@@ -334,9 +341,11 @@ class Run:
             controller.transform_update(step, self.prev_by_layer)
         if prev is not None:  # prev <- theta(t) - theta(t+1) = -u(t)
             torch._foreach_sub_(prev, self.params)
-        if "update_norm" in needs:
+        if "update_norm" in needs and "weight_norm" in needs:  # one reduction for both
+            stats["update_norm"], stats["weight_norm"] = self.per_layer.norms(prev, self.params)
+        elif "update_norm" in needs:
             stats["update_norm"] = self.per_layer.norm(prev)
-        if "weight_norm" in needs:
+        elif "weight_norm" in needs:
             stats["weight_norm"] = self.per_layer.norm(self.params)
         stats["scales"] = scales
         if self.observes:

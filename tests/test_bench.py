@@ -16,7 +16,7 @@ from meta_llr.registry import available
 
 REQUIRED = {"model", "controller", "device", "batch", "step_ms_median", "step_ms_p10", "step_ms_p90",
             "images_per_s", "ratio_to_bare", "extra_state_bytes", "param_bytes", "target", "meets_target",
-            "verdict", "ratio_paired_ci95", "kernel_ops", "extra_kernel_ops"}
+            "verdict", "ratio_paired_ci95", "kernel_ops", "extra_kernel_ops", "extra_kernel_ops_mean"}
 TINY = ["--device", "cpu", "--models", "mlp", "--steps", "3", "--warmup", "1", "--batch", "8",
         "--synthetic-size", "64"]
 
@@ -128,6 +128,25 @@ def test_per_step_launches_do_not_grow_with_depth(tmp_path):
         assert len(values) == 2 and values[0] == values[1], (name, values)
         if available()[name].__module__.startswith("baselines."):
             assert values[0] <= bench.OPS_BASELINE, (name, values)
+
+
+def test_ops_mean_spreads_the_work_done_every_k_steps(tmp_path):
+    """uniform does the same work every step; rnn_meta (online, horizon 4) adds its meta step on
+    one step in four, which the mean over 8 steps includes and the one counted step need not."""
+    import argparse
+
+    args = argparse.Namespace(device="cpu", data="synthetic", synthetic_size=64, batch=4, warmup=0, steps=1,
+                              plan_epochs=1, block=1)
+    registry = available()
+    variants, batches, _ = bench.build_variants("mlp", ["uniform", "rnn_meta"], args, registry, tmp_path)
+    for variant in variants:
+        variant.step(*batches[1])
+    counts = {v.name: [bench.count_ops(v, batches)[0] for _ in range(8)] for v in variants}
+    assert len(set(counts["bare"])) == len(set(counts["uniform"])) == 1
+    ordinary = min(counts["rnn_meta"])
+    assert ordinary - counts["bare"][0] <= bench.ops_target("rnn_meta", registry["rnn_meta"])
+    assert sorted(counts["rnn_meta"])[-2:][0] > ordinary + 100   # two meta steps in eight
+    assert sum(c > ordinary + 100 for c in counts["rnn_meta"]) == 2
 
 
 def test_bench_replicas_writes_its_rows(tmp_path, capsys):
