@@ -106,7 +106,8 @@ class Layca(Controller):
         root = torch.hypot(rho, self.one)
         beta = torch.where(moves, self.initial_norm * rho / (root * p.sqrt()), self.zero)
         alpha = torch.addcmul(self.initial_norm / (root * ww.sqrt()), beta, q - 1)
-        k.mul_(pl.expand(beta)).addcmul_(w, pl.expand(alpha))
+        beta_e, alpha_e = pl.expand(torch.stack([beta, alpha]))
+        k.mul_(beta_e).addcmul_(w, alpha_e)
         if self.kernels_flat is None:  # k was a copy
             pl.unflat_into(k, self.kernels)
 

@@ -96,7 +96,7 @@ class ResNet18Config(ModelConfig):
 class FastNetConfig(ModelConfig):
     name: str = opt("fastnet", free=True)
     widths: list[int] = opt([64, 256, 256], ge=1, length=(1, None), doc="channels of each conv group")
-    whiten: bool = opt(False, doc="stem: frozen patch-whitening filters from the training images (airbench)")
+    whiten: bool = opt(False, free=True, doc="stem: frozen patch-whitening filters from the training images (airbench)")
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int, **options) -> nn.Module:

@@ -58,7 +58,6 @@ class PerLayer:
         self.inverses = [sorted(range(len(order)), key=order.__getitem__) for order in self.orders]
         self.ordered_shapes = [[t.shape[d] for d in order] for t, order in zip(tensors, self.orders)]
         self.sizes = [t.numel() for t in tensors]
-        self.element_layer: torch.Tensor | None = None
         self.lengths_by_rows: dict[tuple[str, int], torch.Tensor] = {}
 
     @classmethod
@@ -127,12 +126,10 @@ class PerLayer:
         return self.flat(tensors)
 
     def expand(self, per_layer: torch.Tensor) -> torch.Tensor:
-        """``[L]`` -> ``[numel]``: each element gets its layer's value (one gather)."""
-        if self.element_layer is None:  # built on first use; int32: half the memory of int64
-            self.element_layer = torch.repeat_interleave(
-                torch.arange(self.num_layers, dtype=torch.int32, device=self.bounds.device),
-                self.layer_numel, output_size=self.numel)
-        return per_layer.index_select(0, self.element_layer)
+        """``[..., L]`` -> ``[..., numel]``: each element gets its layer's value
+        (``repeat_interleave`` with the output size given: two ops, no host sync, and no index
+        kept between calls: an element-to-layer index would cost 4 bytes per parameter for good)."""
+        return torch.repeat_interleave(per_layer, self.layer_numel, dim=-1, output_size=self.numel)
 
     def unflat_into(self, flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         """Copy a vector laid out as :meth:`flat` lays it out back into ``tensors`` (one call)."""

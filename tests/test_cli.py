@@ -37,11 +37,11 @@ def one_line_error(result, *fragments):
     (["trainer.lr=-0.1"], ["trainer.lr", "> 0"]),
     (["layers.groups=99"], ["layers.groups=99", "layers"]),
 ])
-def test_bad_input_gives_one_line(args, fragments, tmp_path):
-    one_line_error(cli(*args, f"hydra.run.dir={tmp_path}/run", "quiet=true"), "error:", *fragments)
+def test_bad_input_gives_one_line(args, fragments, tmp_path, train_cli):
+    one_line_error(train_cli(*args, f"hydra.run.dir={tmp_path}/run", "quiet=true"), "error:", *fragments)
 
 
-def test_bad_files_give_one_line(tmp_path):
+def test_bad_files_give_one_line(tmp_path, train_cli):
     """Faults found while loading (a damaged zip member, garbage rnn_meta weights) end in one line too."""
     import io
     import zipfile
@@ -59,11 +59,11 @@ def test_bad_files_give_one_line(tmp_path):
             for cls in ("a", "b"):
                 zf.writestr(f"{split}/{cls}/0.png", png(40 if cls == "a" else 200))
     damage_zip_member(zpath, "test/b/0.png")
-    one_line_error(cli("data=imagefolder", f"data.path={zpath}", "data.cache=false", "device=cpu", "trainer.epochs=1",
+    one_line_error(train_cli("data=imagefolder", f"data.path={zpath}", "data.cache=false", "device=cpu", "trainer.epochs=1",
                        f"hydra.run.dir={tmp_path}/zip", "quiet=true"), "error:", str(zpath), "test/b/0.png")
     weights = tmp_path / "weights.pt"
     weights.write_text("not weights")
-    one_line_error(cli("controller=rnn_meta", "controller.learn=off", f"controller.weights={weights}",
+    one_line_error(train_cli("controller=rnn_meta", "controller.learn=off", f"controller.weights={weights}",
                        f"hydra.run.dir={tmp_path}/rnn", "quiet=true"), "error:", str(weights))
 
 
@@ -84,18 +84,18 @@ def test_digits_run_from_the_cli_writes_every_record(tmp_path):
     assert trace[0].startswith("step,progress,global_lr,") and len(trace) - 1 >= 100
 
 
-def test_multirun_writes_one_dir_per_job(tmp_path):
-    result = cli("-m", "seed=0,1", "study=sweep", f"paths.root={tmp_path}", "trainer.epochs=1", "quiet=true")
+def test_multirun_writes_one_dir_per_job(tmp_path, train_cli):
+    result = train_cli("-m", "seed=0,1", "study=sweep", f"paths.root={tmp_path}", "trainer.epochs=1", "quiet=true")
     assert result.returncode == 0, result.stderr
     summaries = sorted((tmp_path / "sweep").glob("*/summary.json"))
     assert len(summaries) == 2
     assert {json.loads(p.read_text())["seed"] for p in summaries} == {0, 1}
 
 
-def test_divergence_ends_cleanly_with_records(tmp_path):
+def test_divergence_ends_cleanly_with_records(tmp_path, train_cli):
     run_dir = tmp_path / "run"
-    result = cli("model=mlp", "trainer.lr=1e6", "trainer.weight_decay=0", "schedule=constant",
-                 f"hydra.run.dir={run_dir}", "quiet=true")
+    result = train_cli("model=mlp", "trainer.lr=1e6", "trainer.weight_decay=0", "schedule=constant",
+                       f"hydra.run.dir={run_dir}", "quiet=true")
     assert result.returncode == 0, result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged_at_step"] > 0

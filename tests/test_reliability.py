@@ -14,8 +14,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -385,17 +383,15 @@ def test_leftover_temporary_files_are_removed_when_a_run_opens_the_directory(tmp
 
 
 # --------------------------------------------------------------------------- 5. sweeps
-def test_sweep_survives_its_jobs_and_numbers_its_files(tmp_path):
+def test_sweep_survives_its_jobs_and_numbers_its_files(tmp_path, train_cli):
     """A 2x2 grid: two jobs fail to compose (trainer.lr=-1), one fails while building
     (layers.groups=1000), one finishes; exit 1. The same sweep again writes multirun-2.*, leaves
     multirun-1.* alone, and does not train the finished job again (same directory, same summary)."""
-    command = [sys.executable, "-m", "meta_llr.train", "-m", *TINY, "trainer.lr=0.05,-1", "layers.groups=0,1000",
-               f"paths.root={tmp_path}", "study=s"]
-    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
+    command = ["-m", *TINY, "trainer.lr=0.05,-1", "layers.groups=0,1000", f"paths.root={tmp_path}", "study=s"]
     sweep_dir = tmp_path / "s"
 
     def run_sweep(k) -> dict:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        result = train_cli(*command)
         assert result.returncode == 1, result.stderr
         assert "Traceback" not in result.stderr, result.stderr
         assert f"sweep {k} in {sweep_dir}: 4 jobs: 1 finished, 3 failed" in result.stderr, result.stderr
