@@ -1,7 +1,7 @@
 """Run records: the files one run directory holds, always written atomically.
 
 ``config.yaml``   the fully resolved config
-``env.json``      git commit, torch version, device, host
+``env.json``      git commit, torch version, device, host, world size, data source (at the start)
 ``layers.csv``    the layer table: index, name, modules, params, group
 ``metrics.jsonl`` one JSON object per evaluation (epoch, step, train/test loss and acc, lr, wall_s)
 ``llr.csv``       the LLR trace: step, progress, global_lr, then one column per layer (its scale)

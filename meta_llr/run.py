@@ -553,7 +553,8 @@ class Run:
         self.dist.barrier()  # every rank has decided how to resume before rank 0 writes
         if self.step == 0:
             records.write_text(CONFIG, OmegaConf.to_yaml(self.cfg, resolve=True))
-            records.write_json(ENV, {**environment(self.device), "world_size": self.dist.world_size})
+            records.write_json(ENV, {**environment(self.device), "world_size": self.dist.world_size,
+                                     "data_source": self.data_source})  # a running run's setting needs it
             records.write_layers(self.layer_rows)
             records.write_text(METRICS, "")  # present from the start, even if no evaluation comes
             if not self.quiet:

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from meta_llr.errors import UserError
-from meta_llr.records import CONFIG, LAYERS, METRICS, SUMMARY, TRACE, TRAIN_LOSS
+from meta_llr.records import CONFIG, ENV, LAYERS, METRICS, SUMMARY, TRACE, TRAIN_LOSS
 
 LAYER_STATS = "layer_stats.csv"
 
@@ -80,11 +80,20 @@ class RunDir:
         path = self.get("data.path")
         if path:  # two image folders are two datasets: never pool them
             data = f"{data}({Path(str(path)).name})"
-        if "JPEG" in str(self.summary.get("data_source", "")):
-            data += "[JPEG]"
+        if "JPEG" in str(self.summary.get("data_source") or self.env.get("data_source", "")):
+            data += "[JPEG]"  # env.json has it from the start: a running run joins its setting
         return {"data": data,
                 "model": f"{model.get('name')}({options})" if options else model.get("name"),
                 "epochs": self.get("trainer.epochs")}
+
+    @cached_property
+    def env(self) -> dict:
+        """``env.json`` (written when the run starts), {} if absent or unreadable."""
+        try:
+            value = json.loads((self.path / ENV).read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
 
     @cached_property
     def metrics(self) -> list[dict]:

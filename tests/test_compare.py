@@ -229,3 +229,19 @@ def test_every_comparison_states_its_power(tmp_path):
     text = markdown(comparison, {})
     assert "power for 0.005" in text and f"| {row['needs']} |" in text
     assert main([str(tmp_path), "--effect", "-1"]) == 2  # one line
+
+
+def test_a_running_run_joins_its_setting_by_its_env_json(tmp_path):
+    """The data source (here the lossy JPEG copy) is in env.json from the start, so a run still
+    going (no summary.json) is pooled with the finished runs of its setting, not set apart."""
+    from meta_llr.runs import read_run
+
+    done = make_run(tmp_path, "done", data="imagefolder")
+    going = make_run(tmp_path, "going", data="imagefolder", seed=1)
+    summary = json.loads((done / "summary.json").read_text())
+    (done / "summary.json").write_text(json.dumps({**summary, "data_source": "CIFAR-10 JPEG q75 copy"}))
+    (going / "summary.json").unlink()
+    for path in (done, going):
+        (path / "env.json").write_text(json.dumps({"data_source": "CIFAR-10 JPEG q75 copy"}))
+    settings = [read_run(p).setting for p in (done, going)]
+    assert settings[0] == settings[1] and settings[0]["data"].endswith("[JPEG]"), settings
