@@ -48,15 +48,21 @@ def curve_table(controller: Controller, num_layers: int, epochs: int = 10, steps
     return torch.stack([controller.scales(step) for step in range(total)]).cpu().numpy()
 
 
-def baseline_configs() -> dict[str, dict]:
+def baseline_configs(only: list[str] | None = None) -> dict[str, dict]:
     """Controller configs (by ``controller=`` name, presets included) whose controller is a
-    stats-free baseline."""
+    stats-free baseline; of the names ``only`` if given (each composed only then)."""
     from meta_llr.config import compose, group_options
     from meta_llr.registry import available
 
     registry = available()
+    choices = group_options("controller")
+    if only:
+        unknown = sorted(set(only) - set(choices))
+        if unknown:
+            raise UserError(f"no baseline config {', '.join(unknown)}; controller configs: {', '.join(choices)}")
+        choices = [c for c in choices if c in only]
     configs = {}
-    for choice in group_options("controller"):
+    for choice in choices:
         try:
             config = OmegaConf.to_container(compose([f"controller={choice}"]).controller, resolve=True)
         except UserError as error:  # e.g. replay: nothing to draw without a curve file
@@ -107,12 +113,10 @@ def plot_all(out: Path, num_layers: int = 10, epochs: int = 10, steps_per_epoch:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = baseline_configs()
-    if only:
-        unknown = sorted(set(only) - set(configs))
-        if unknown:
-            raise UserError(f"no baseline config {', '.join(unknown)}; valid: {', '.join(configs)}")
-        configs = {k: v for k, v in configs.items() if k in only}
+    configs = baseline_configs(only)
+    if only and set(only) - set(configs):
+        raise UserError(f"not a stats-free baseline: {', '.join(sorted(set(only) - set(configs)))}; "
+                        f"--only takes baselines (baselines/) without statistics")
     panels = []
     for name, config in configs.items():
         try:

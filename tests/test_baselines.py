@@ -312,3 +312,7 @@ def test_plot_tool_rejects_unknown_names(capsys):
         plot_main(["--only", "nonsense", "--out", "/nonexistent"])
     assert exit_info.value.code == 2
     assert "no baseline config nonsense" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        plot_main(["--only", "hessian_secant", "--out", "/nonexistent"])
+    assert exit_info.value.code == 2
+    assert "not a stats-free baseline: hessian_secant" in capsys.readouterr().err
