@@ -45,11 +45,11 @@ How the learner learns (``learn=``):
   Evolution strategies over whole runs (``meta_llr.metatrain``) have no truncation bias
   (Metz et al. 2019, arXiv 1810.10180).
 
-Cost, in kernel ops (``python -m meta_llr.bench``; the same for every depth): 39 per firing beyond
+Cost, in kernel ops (``python -m meta_llr.bench``; the same for every depth): 37 per firing beyond
 the loop's statistics (the features with one segmented sum for the rotation, the standardisation
 as one ``native_batch_norm``, the GRU as one ``addmm`` and four element-wise ops, the head, the
 scales), and with ``learn=online`` a meta step every ``horizon`` firings (the window replayed
-with autograd, one Adam step: ≈ 230 ops); no host sync. The learner has ≈ 2k parameters with
+with autograd, one Adam step: ≈ 205 ops more); no host sync. The learner has ≈ 2k parameters with
 ``hidden=16``.
 """
 from __future__ import annotations
