@@ -16,8 +16,8 @@ Element-wise work over all tensors with per-layer coefficients is done on the fl
 ``torch._foreach_copy_`` (:meth:`PerLayer.unflat_into`). Tensors that already lie back to back
 in one buffer, in order (the run's parameters and its copy of them before the step:
 ``meta_llr.optim.flatten_``), are read as that buffer's slice with no copy
-(:meth:`PerLayer.flat_view`). Several per-layer sums at once are one segmented reduction
-(:meth:`PerLayer.totals_of_flat`). Each tensor is flattened in the memory
+(:meth:`PerLayer.flat_view`). Several per-layer sums or norms at once are one segmented
+reduction (:meth:`PerLayer.totals_of_flat`, :meth:`PerLayer.totals`, :meth:`PerLayer.norms`). Each tensor is flattened in the memory
 order of the tensors given at construction (channels_last kernels stay views), the same order
 for every list of the same shapes, so two flat vectors can be multiplied element by element.
 """
