@@ -253,7 +253,7 @@ class RNNMeta(Controller):
         self.affine_weight[[3, 4]] = -1.0
         self.affine_bias = torch.zeros(NUM_FEATURES, device=device)
         self.affine_bias[4] = 1.0
-        self.moment_weights = self._moment_weights(device)
+        self.moment_weights, self.moments_settled = self._moment_weights(device)
         zeros = lambda *shape: torch.zeros(*shape, device=device)
         self.hidden_state = zeros(L, H)
         slots = 2 * self.horizon                             # double-buffered BPTT windows
@@ -279,16 +279,16 @@ class RNNMeta(Controller):
         with torch.no_grad():
             self.gates = self.learner.gate_weights()
 
-    def _moment_weights(self, device) -> torch.Tensor:
+    def _moment_weights(self, device) -> tuple[torch.Tensor, bool]:
         """Row ``f``: the weight of firing ``f``'s moments in their bias-corrected running mean,
         ``(1 − d) / (1 − dᶠ)`` (``m̂_f = lerp(m̂_{f−1}, x_f, ·)`` equals ``m_f / (1 − dᶠ)``), 0 on the
-        columns not standardised; kept until ``dᶠ`` is below float32 resolution (at most 65,536 rows)."""
+        columns not standardised; kept until ``dᶠ`` is below float32 resolution (at most 65,536
+        rows). Also whether the last row holds for every later firing (``dᶠ`` settled)."""
         settled = math.ceil(math.log(2.0 ** -25) / math.log(self.decay))
         rows = min(settled, self.plan.total_steps // self.every + 1, 65536)
         fires = torch.arange(rows + 1, dtype=torch.float64).clamp_min(1)
         weight = (1 - self.decay) / (1 - self.decay ** fires)
-        self.moments_settled = rows == settled
-        return (weight.unsqueeze(1).float().to(device) * self.moment_mask)
+        return weight.unsqueeze(1).float().to(device) * self.moment_mask, rows == settled
 
     def _baseline_table(self, device) -> torch.Tensor:
         L = self.num_layers

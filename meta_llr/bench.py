@@ -428,11 +428,9 @@ def rows_for(model_name, variants, args, probe) -> list[dict]:
     bare = variants[0]
     bare_median = float(np.percentile(bare.times_ms, 50))
     pbytes = param_bytes(probe.model)
-    rows, bare_ops = [], None
+    rows, bare_ops, bare_mean = [], bare.ops[0], bare.ops_mean
     for variant in variants:
         kernel_ops, view_ops = variant.ops
-        bare_ops = kernel_ops if bare_ops is None else bare_ops
-        bare_mean = variants[0].ops_mean
         p10, median, p90 = (float(v) for v in np.percentile(variant.times_ms, [10, 50, 90]))
         ratio = median / bare_median
         pairs = [a / b for a, b in zip(variant.block_ms, variant.reference_ms)]
