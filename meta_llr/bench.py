@@ -340,11 +340,10 @@ def build_variants(model_name: str, controllers: list[str], args, registry, work
         variants.append(Variant(name, step, target, ops_target(name, registry[name]), run=run))
     # The same pre-drawn, augmented batches for every variant.
     gen = torch.Generator(device=probe.device).manual_seed(1)
-    from meta_llr.data import augment
     batches = []
     for i in range(4):
         index = torch.randint(0, len(probe.train_y), (args.batch,), generator=gen, device=probe.device)
-        batches.append((augment(probe.train_x[index], probe.crop_pad, probe.flip, gen), probe.train_y[index]))
+        batches.append((probe.augment(index, gen), probe.train_y[index]))
     return variants, batches, probe
 
 

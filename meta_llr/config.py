@@ -66,10 +66,13 @@ class TrainerConfig:
     betas: list[float] = opt([0.9, 0.999], ge=0, lt=1, length=(2, 2), doc="AdamW only")
     weight_decay: float = opt(5.0e-4, ge=0)
     decay_1d: bool = opt(True, free=True, doc="weight decay on biases and norm parameters too")
+    norm_lr_mult: float = opt(1.0, gt=0, doc="LR multiplier of normalisation layers' parameters (BatchNorm shifts), "
+                                             "their decay divided by it (airbench's bias scaler, 64)")
     label_smoothing: float = opt(0.0, ge=0, lt=1)
     ema_every: int = opt(0, ge=0, doc="N > 0: every N steps average the weights and reset to the average "
                                       "(meta_llr.weight_average, airbench's lookahead); 0: off")
     ema_decay: float = opt(0.95, ge=0, lt=1, doc="per-step decay of that average (raised to ema_every)")
+    ema_start: int = opt(0, ge=0, doc="epochs trained before that average starts (airbench: 3)")
     tta: int = opt(0, choices=(0, 1, 2), doc="test-time augmentation at evaluation: 0 none, 1 mirror, "
                                              "2 mirror and 1-pixel translations (Run.evaluate)")
     eval_every: int = opt(1, ge=1, doc="epochs between evaluations (the last epoch is always evaluated)")

@@ -17,6 +17,15 @@ from meta_llr.errors import UserError
 from meta_llr.interface import Layer
 
 
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def norm_parameters(model: nn.Module) -> set[int]:
+    """The ``id``s of the parameters of ``model``'s normalisation modules (BatchNorm, InstanceNorm,
+    LayerNorm, GroupNorm): what ``trainer.norm_lr_mult`` multiplies."""
+    return {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+
+
 @dataclass
 class TracedLayer:
     name: str                       # the weighted module's name

@@ -96,7 +96,8 @@ class ResNet18Config(ModelConfig):
 class FastNetConfig(ModelConfig):
     name: str = opt("fastnet", free=True)
     widths: list[int] = opt([64, 256, 256], ge=1, length=(1, None), doc="channels of each conv group")
-    whiten: bool = opt(False, free=True, doc="stem: frozen patch-whitening filters from the training images (airbench)")
+    whiten: bool = opt(False, free=True, doc="airbench's stem: frozen patch-whitening filters from the training images "
+                                             "and a bias trained for the first 3 epochs, no BatchNorm")
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int, **options) -> nn.Module:
@@ -311,10 +312,11 @@ class ResNet18(_ResNetBody):
 
 
 class FastBN(nn.BatchNorm2d):
-    """BatchNorm with gamma frozen at 1 and only beta learned (airbench94)."""
+    """BatchNorm with gamma frozen at 1 and only beta learned (airbench94). Its running statistics
+    keep 0.6 of their value at each batch: airbench's momentum 0.6, torch's ``momentum=0.4``."""
 
     def __init__(self, num_features: int):
-        super().__init__(num_features, eps=1e-12, momentum=0.6)
+        super().__init__(num_features, eps=1e-12, momentum=0.4)
         self.weight.requires_grad_(False)
 
 
@@ -339,15 +341,18 @@ class FastNet(nn.Module):
     GPU" (arXiv 2404.00498): a 2x2 unpadded stem conv to 24 channels + BN + GELU, one
     conv group per entry of ``widths``, global max pool, bias-free linear head scaled
     by a fixed 1/9. Convs are bias-free and identity-initialised on their first
-    ``in_channels`` filters (the paper's partial identity init); BN has momentum 0.6,
-    eps 1e-12 and a frozen gamma of 1. The stem is an ordinary learned conv, unless
-    ``whiten=True``: then :meth:`init_from_data` (called by the run with its first training
-    images) sets it to the paper's data-dependent whitening filters and freezes it.
+    ``in_channels`` filters (the paper's partial identity init); BN keeps 0.6 of its running
+    statistics per batch, has eps 1e-12 and a frozen gamma of 1. The stem is an ordinary learned
+    conv + BN, unless ``whiten=True``: then it is the paper's, a conv with a bias and no BN, whose
+    filters :meth:`init_from_data` (called by the run with 5,000 evenly spaced training images)
+    sets to the data-dependent whitening filters and freezes, and whose bias :meth:`epoch_start`
+    trains for the first ``whiten_bias_epochs`` epochs only.
     """
 
     stem_width = 24
     head_scale = 1 / 9
     whiten_images = 5000  # training images the whitening statistics are taken from
+    whiten_bias_epochs = 3
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, widths: tuple = (64, 256, 256),
                  whiten: bool = False):
@@ -356,8 +361,10 @@ class FastNet(nn.Module):
             raise UserError(f"model.whiten=true needs 3-channel images (2 x 3 x 2 x 2 = {self.stem_width} whitening "
                             f"filters), the data has {in_channels}; use model.whiten=false")
         self.whiten = whiten
-        self.stem = nn.Conv2d(in_channels, self.stem_width, 2, padding=0, bias=False)
-        self.stem_bn = FastBN(self.stem_width)
+        self.stem = nn.Conv2d(in_channels, self.stem_width, 2, padding=0, bias=whiten)
+        self.stem_bn = nn.Identity() if whiten else FastBN(self.stem_width)
+        if whiten:
+            nn.init.zeros_(self.stem.bias)
         c_in, groups = self.stem_width, []
         for c_out in widths:
             groups.append(ConvGroup(c_in, c_out))
@@ -386,6 +393,12 @@ class FastNet(nn.Module):
         filters = filters.flip(0).reshape(-1, *self.stem.weight.shape[1:])  # largest eigenvalue first
         self.stem.weight.copy_(torch.cat([filters, -filters]))
         self.stem.weight.requires_grad_(False)
+
+    def epoch_start(self, epoch: int) -> None:
+        """Called by the run before each epoch (``epoch`` counts from 0, a resume included):
+        ``whiten``'s stem bias learns for the first ``whiten_bias_epochs`` epochs, then is frozen."""
+        if self.whiten:
+            self.stem.bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
     def forward(self, x):
         x = F.gelu(self.stem_bn(self.stem(x)))

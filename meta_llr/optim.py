@@ -14,17 +14,21 @@ that "decayed" and "scaled" are prefixes. One step, with ``s = scales`` (``[L]``
 layer of element ``e``:
 
     g   = cat(grads)                          # 1 op (zeros stand in for frozen layers)
-    λ_e = s[ℓ(e)]                             # 1 op: index_select with a fixed int32 index
-    SGD:   g += wd·θ;  b = m·b + g;  g += m·b (Nesterov);  θ -= η·λ⊙g          # 4 ops
-    AdamW: θ -= η·wd·λ⊙θ;  m = lerp(m, g, 1-β1);  v = β2·v + (1-β2)·g²;
+    λ_e = μ_e·s[ℓ(e)]                         # 1 op: index_select with a fixed int32 index
+    SGD:   g += wd_e·θ;  b = m·b + g;  g += m·b (Nesterov);  θ -= η·λ⊙g        # 4 ops
+    AdamW: θ -= η·wd_e·λ⊙θ;  m = lerp(m, g, 1-β1);  v = β2·v + (1-β2)·g²;
            θ -= (η/bc1)·(λ⊙m) / (√v/√bc2 + ε)                                  # 8 ops
 
 (the formulas of ``torch.optim.SGD`` and ``torch.optim.AdamW``; ``bc_i = 1 - β_i^k`` from the
-host's step count ``k``). That is 6 ops for SGD with Nesterov momentum and weight decay against
+host's step count ``k``; ``μ_e`` the element's group's ``lr_mult``, 1 except under
+``trainer.norm_lr_mult``, and ``wd_e`` its group's decay, ``wd/μ_e``). That is 6 ops for SGD
+with Nesterov momentum and weight decay against
 the 1 op of a single fused SGD group, with 58 layers as with 3: each op is one element-wise
 pass over all parameters (on a GPU one launch; ``cat`` of more than 128 tensors takes one per
 128). Cost: an int32 index of one entry per parameter element (param-sized for float32
 parameters), and each step a flat gradient and ``λ`` (transient, two param-sized buffers).
+With an LR multiplier ``λ`` is gathered from ``[s, 0, 1, μ, μ·s]`` (2 ops more on ``[L]``)
+and the decay, no longer one value on a prefix, is a param-sized constant (same op count).
 
 Frozen layers (no gradient) are not stepped, as torch.optim skips them: while any parameter has
 no gradient the step runs "masked" (the set is known on the host, so the masks are rebuilt only
@@ -33,30 +37,41 @@ buffer keeps its value exactly), its Adam moments unchanged, its Adam step count
 (per-element bias corrections). A masked step costs 1–6 ops more.
 
 Guarantee: the result equals ``optimizer.step()`` of the torch optimizer with group LRs
-``η·s[layer]`` up to float rounding (tests/test_optim.py: SGD with and without momentum,
-AdamW, decay on 1-D tensors or not, 1-D tensors scaled or not, frozen steps, channels_last).
+``η·s[layer]·lr_mult`` up to float rounding (tests/test_optim.py: SGD with and without momentum,
+AdamW, decay on 1-D tensors or not, 1-D tensors scaled or not, a norm LR multiplier, frozen
+steps, channels_last).
 The arithmetic is not torch's fused kernel's, so results are not bitwise torch's.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 
 import torch
 
 
-def layer_optimizer(layers: Sequence, trainer, scale_1d: bool) -> torch.optim.Optimizer:
+def layer_optimizer(layers: Sequence, trainer, scale_1d: bool, norm_params: Set[int] = frozenset()
+                    ) -> torch.optim.Optimizer:
     """The torch optimizer that holds the state: one group per layer (or per layer and kind:
-    0 = tensors of >= 2 dims, 1 = 1-D) with ``layer``, ``kind`` and ``scaled`` entries."""
+    0 = tensors of >= 2 dims, 1 = 1-D, 2 = 1-D of normalisation layers when
+    ``trainer.norm_lr_mult`` is not 1) with ``layer``, ``kind``, ``scaled`` and ``lr_mult``
+    entries. ``norm_params``: the ``id``s of the normalisation layers' parameters. Kind 2's LR is
+    ``norm_lr_mult`` times its layer's and its weight decay is divided by it, so the decay's pull
+    per step stays (airbench's 64x "bias scaler" on BatchNorm shifts, arXiv 2404.00498)."""
     groups = []
+    mult = float(getattr(trainer, "norm_lr_mult", 1.0))
     merge = trainer.decay_1d or trainer.weight_decay == 0
     for layer in layers:
         kernels, others = [p for p in layer.params if p.dim() > 1], [p for p in layer.params if p.dim() <= 1]
-        for kind, params in (((0, kernels + others),) if merge and scale_1d else ((0, kernels), (1, others))):
+        boosted = [p for p in others if mult != 1 and id(p) in norm_params]
+        others = [p for p in others if not (mult != 1 and id(p) in norm_params)]
+        parts = ((0, kernels + others),) if merge and scale_1d else ((0, kernels), (1, others))
+        for kind, params in parts + ((2, boosted),):
             if params:
                 decay = trainer.weight_decay if kind == 0 or trainer.decay_1d else 0.0
-                groups.append({"params": params, "weight_decay": decay, "layer": layer.index, "kind": kind,
-                               "scaled": kind == 0 or scale_1d})
+                lr_mult = mult if kind == 2 else 1.0
+                groups.append({"params": params, "weight_decay": decay / lr_mult, "layer": layer.index, "kind": kind,
+                               "scaled": kind == 0 or scale_1d, "lr_mult": lr_mult})
     if trainer.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=trainer.lr, momentum=trainer.momentum,
                                nesterov=bool(trainer.nesterov and trainer.momentum > 0),
@@ -146,16 +161,25 @@ class FlatStep:
         self.rows = [[p for p, _ in order] for order in orders]   # each replica's parameters, in order
         sizes = [p.numel() for p in self.params]
         self.sizes, self.numel = sizes, sum(sizes)
-        decayed = [g["weight_decay"] > 0 for _, g in entries]
+        decays = [g["weight_decay"] for _, g in entries]
+        decayed = [d > 0 for d in decays]
         scaled = [g["scaled"] for _, g in entries]
         if decayed != sorted(decayed, reverse=True) or scaled != sorted(scaled, reverse=True):
             raise ValueError("decayed and scaled tensors must come first")  # true of layer_optimizer's groups
-        self.decay = max((g["weight_decay"] for _, g in entries), default=0.0)
+        mults = [float(g.get("lr_mult", 1.0)) for _, g in entries]
+        if len(set(mults) - {1.0}) > 1:
+            raise ValueError("FlatStep takes one LR multiplier besides 1")
+        self.mult = max(set(mults) - {1.0}, default=1.0)
+        self.boosted = [m != 1.0 for m in mults]
+        self.decay = max(decays, default=0.0)
         self.n_decayed = sum(n for n, d in zip(sizes, decayed) if d)
         self.layer_of = [g["layer"] for _, g in entries]
         self.scaled = scaled
         device = self.params[0].device
         self.device, self.dtype = device, self.params[0].dtype
+        # the per-element decay, where one value on a prefix does not say it
+        self.decay_vec = (torch.repeat_interleave(torch.tensor(decays, dtype=self.dtype), torch.tensor(sizes))
+                          .to(device) if len(set(d for d in decays if d > 0)) > 1 else None)
         self.S = len(optimizers)
 
         if flat is None:
@@ -175,8 +199,8 @@ class FlatStep:
         self.steps = [0] * len(self.params)   # AdamW: each parameter's step count, on the host
         self._link_state()
         self.zeros: torch.Tensor | None = None   # stand-in gradients of frozen parameters
-        self.slot_tail = torch.tensor([0.0, 1.0], dtype=self.dtype, device=device)  # slots L, L+1
-        self.plain = all(scaled)   # every element's λ is its layer's scale (until a layer freezes)
+        self.slot_tail = torch.tensor([0.0, 1.0, self.mult], dtype=self.dtype, device=device)  # slots L..L+2
+        self.plain = all(scaled) and not any(self.boosted)   # every λ is its layer's scale (until a layer freezes)
         self.index = self._index([True] * len(self.params))
         self.active: tuple[bool, ...] | None = None   # the has-gradient pattern the masks are built for
         self.masks: dict[str, torch.Tensor] = {}
@@ -207,15 +231,26 @@ class FlatStep:
                     state["step"] = torch.tensor(float(self.steps[i]), device=self.device)
 
     def _index(self, active: Sequence[bool]) -> torch.Tensor:
-        """Element -> slot of ``[scales, 0, 1]``: its layer, ``L`` (frozen), ``L+1`` (unscaled)."""
+        """Element -> slot of ``[scales, 0, 1, μ, μ·scales]``: its layer, ``L`` (frozen), ``L+1``
+        (unscaled), ``L+2`` (unscaled, multiplied), ``L+3+layer`` (multiplied)."""
         L = self.num_layers
-        slots = [(layer if s else L + 1) if a else L for layer, s, a in zip(self.layer_of, self.scaled, active)]
+        slots = [L if not a else ((L + 3 + layer if s else L + 2) if b else (layer if s else L + 1))
+                 for layer, s, a, b in zip(self.layer_of, self.scaled, active, self.boosted)]
         counts = torch.tensor(self.sizes)
         return torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), counts).to(self.device)
 
+    def _lam(self, scales: torch.Tensor) -> torch.Tensor:
+        """``λ`` ``[S, N]`` from the ``[S, L]`` scales: one gather, from the slots' table unless plain."""
+        if self.plain:
+            return scales[:, self.index]
+        table = [scales, self.slot_tail.expand(self.S, 3)]
+        if any(self.boosted):
+            table.append(scales * self.mult)
+        return torch.cat(table, 1)[:, self.index]
+
     def param_lrs(self, scales: torch.Tensor, global_lr: float) -> dict[torch.Tensor, float]:
         """Each parameter's LR in a step given ``scales`` (host values, for inspection and tests)."""
-        lam = torch.cat([scales.to(self.dtype).reshape(-1)[:self.num_layers], self.slot_tail])[self.index]
+        lam = self._lam(scales.to(self.dtype).reshape(-1)[:self.num_layers].view(1, -1))[0]
         starts = torch.tensor([0, *self.sizes[:-1]]).cumsum(0).tolist()
         return dict(zip(self.params, (lam[starts] * global_lr).tolist()))
 
@@ -255,8 +290,10 @@ class FlatStep:
         on = torch.repeat_interleave(torch.tensor(active, dtype=self.dtype),
                                      torch.tensor(self.sizes)).to(self.device)
         if not all(active):
-            decayed = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
-            decayed[:self.n_decayed] = self.decay
+            decayed = self.decay_vec
+            if decayed is None:
+                decayed = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+                decayed[:self.n_decayed] = self.decay
             self.masks["decay"] = decayed * on
         defaults = self.optimizer.defaults
         if self.adam:
@@ -282,7 +319,7 @@ class FlatStep:
         active, grads = self._grads()
         if active != self.active:
             self._masks(active)
-            self.plain = all(active) and all(self.scaled)
+            self.plain = all(active) and all(self.scaled) and not any(self.boosted)
             if not all(active) and self.zeros is None:
                 shape = (max(self.sizes),) if self.stacked is None else (self.S, max(self.sizes))
                 self.zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -290,8 +327,7 @@ class FlatStep:
         pieces = [g if g is not None else (zeros[:n] if self.stacked is None else zeros[:, :n])
                   for g, n in zip(grads, self.sizes)]
         g = torch.cat(pieces, dim=-1).view(self.S, self.numel)
-        scales = scales.to(self.dtype).reshape(self.S, self.num_layers)
-        lam = (scales if self.plain else torch.cat([scales, self.slot_tail.expand(self.S, 2)], 1))[:, self.index]
+        lam = self._lam(scales.to(self.dtype).reshape(self.S, self.num_layers))
         theta, masks, defaults = self.flat, self.masks, self.optimizer.defaults
         if self.adam:
             self._adamw(theta, g, lam, global_lr, masks, defaults, active)
@@ -300,8 +336,8 @@ class FlatStep:
 
     def _sgd(self, theta, g, lam, lr, masks, defaults) -> None:
         if self.decay:
-            if "decay" in masks:
-                g.addcmul_(theta, masks["decay"])
+            if "decay" in masks or self.decay_vec is not None:
+                g.addcmul_(theta, masks.get("decay", self.decay_vec))
             else:
                 g[:, :self.n_decayed].add_(theta[:, :self.n_decayed], alpha=self.decay)
         momentum = defaults["momentum"]
@@ -323,8 +359,8 @@ class FlatStep:
         self.steps = [k + 1 if a else k for k, a in zip(self.steps, active)]
         if self.decay:
             n = self.n_decayed
-            if "decay" in masks:
-                theta.addcmul_(theta * lam, masks["decay"], value=-lr)
+            if "decay" in masks or self.decay_vec is not None:
+                theta.addcmul_(theta * lam, masks.get("decay", self.decay_vec), value=-lr)
             else:
                 theta[:, :n].addcmul_(theta[:, :n], lam[:, :n], value=-lr * self.decay)
         if "beta1" in masks:

@@ -44,7 +44,7 @@ from meta_llr.diagnostics import LAYER_STATS, Diagnostics
 from meta_llr.distributed import SINGLE, Distributed, setup
 from meta_llr.errors import Interrupted, UserError
 from meta_llr.interface import STATS, Controller, Lookahead, OptimizerSpec, Plan
-from meta_llr.layers import group_layers, layer_table, trace_layers
+from meta_llr.layers import group_layers, layer_table, norm_parameters, trace_layers
 from meta_llr.loggers import Logger, make_logger
 from meta_llr.models import build_model
 from meta_llr.optim import FlatStep, flatten_, layer_optimizer, parameter_order, zeros_laid_out_like
@@ -86,6 +86,12 @@ class Run:
         self.mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(data.std, device=device).clamp_min(1e-3).view(1, -1, 1, 1) * 255  # constant channels
         self.crop_pad, self.flip = int(cfg.data.augment.crop_pad), bool(cfg.data.augment.flip)
+        self.reflect = cfg.data.augment.pad_mode == "reflect"
+        self.flip_coins = None  # alternate_flip: each image's mirroring in even epochs, drawn once from the seed
+        if self.flip and cfg.data.augment.alternate_flip:
+            coins = torch.Generator(device=device)
+            coins.manual_seed(int(cfg.seed) + 2)  # its own stream: the crops' draws are unchanged
+            self.flip_coins = torch.rand(len(self.train_y), generator=coins, device=device) < 0.5
 
         # Model, and its layers in forward order.
         self.model = model.to(device)
@@ -94,7 +100,9 @@ class Run:
             self.model.to(memory_format=torch.channels_last)
         init_from_data = getattr(self.model, "init_from_data", None)
         if init_from_data is not None:  # a data-dependent initialisation (fastnet's whitening)
-            init_from_data(self.normalize(self.train_x[:getattr(self.model, "whiten_images", 5000)]))
+            # evenly spaced images, not the first ones: an image tree's training set is sorted by class
+            n, k = len(self.train_x), min(len(self.train_x), getattr(self.model, "whiten_images", 5000))
+            init_from_data(self.normalize(self.train_x[torch.arange(k, device=device) * n // k]))
         traced = trace_layers(self.model, self.normalize(self.train_x[:2]))
         self.layers, group_of = group_layers(traced, cfg.layers.groups)
         # The parameters live in one flat buffer (the optimizer step's), from here on: before a
@@ -140,17 +148,19 @@ class Run:
         # flat buffer here, before DDP sees them).
         num_layers = len(self.layers)
         self.scale_1d = bool(self.controller.scale_1d)
-        self.optimizer = layer_optimizer(self.layers, t, self.scale_1d)
+        self.optimizer = layer_optimizer(self.layers, t, self.scale_1d, norm_parameters(self.model))
         self.flat_step = FlatStep(self.optimizer, num_layers, self.flat_params)
         self.weight_average = (WeightAverage(self.flat_params, list(self.model.buffers()), t.ema_every, t.ema_decay,
-                                             total) if t.ema_every else None)
+                                             total, t.ema_start * self.steps_per_epoch, self.steps_per_epoch)
+                               if t.ema_every else None)
         self.plan.lookahead.optimizer = self.optimizer
 
         if dist.active:  # gradients averaged across ranks; frozen layers leave parameters unused
             from torch.nn.parallel import DistributedDataParallel
 
             ddp = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          find_unused_parameters=self.controls_trainable)
+                                          find_unused_parameters=self.controls_trainable
+                                          or hasattr(self.model, "epoch_start"))
             self.forward = torch.compile(ddp) if t.compile else ddp
 
 
@@ -226,7 +236,7 @@ class Run:
         batches = []
         for _ in range(k):
             index = torch.randint(len(self.train_y), (size,), generator=gen, device=self.device)
-            x = augment(self.train_x[index], self.crop_pad, self.flip, gen)
+            x = augment(self.train_x[index], self.crop_pad, self.flip, gen, reflect=self.reflect)
             batches.append((self.normalize(x), self.train_y[index]))
         val_x, val_y = self.eval_splits["val"]
         index = torch.randint(len(val_y), (size,), generator=gen, device=self.device)
@@ -374,15 +384,25 @@ class Run:
     def batches(self):
         """This epoch's batches, resuming at ``self.position`` after a restart."""
         n = len(self.train_y)
+        epoch_start = getattr(self.model, "epoch_start", None)
+        if epoch_start is not None:  # e.g. fastnet's whitening bias, trained for the first epochs
+            epoch_start(self.epoch)
         if self.order is None:
             self.order = torch.randperm(n, generator=self.gen, device=self.device)
         while self.position < self.steps_per_epoch:
             index = self.order[self.position * self.batch_size:(self.position + 1) * self.batch_size]
-            x = augment(self.train_x[index], self.crop_pad, self.flip, self.gen)  # all ranks: same draws
+            x = self.augment(index, self.gen)  # all ranks: same draws
             self.position += 1
             self.global_batch = len(index)
             yield self.dist.shard(x), self.dist.shard(self.train_y[index])
         self.order, self.position = None, 0
+
+    def augment(self, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The training images ``index`` as this epoch augments them (``data.augment``)."""
+        mirror = None
+        if self.flip_coins is not None:
+            mirror = self.flip_coins[index] ^ bool(self.epoch % 2)
+        return augment(self.train_x[index], self.crop_pad, self.flip, gen, reflect=self.reflect, mirror=mirror)
 
     def _settle(self) -> None:
         """Add the pending steps' losses (``Σ n·loss``) and correct predictions into ``loss_sum``
@@ -638,7 +658,9 @@ class Run:
 
     def augmentation(self) -> str:
         """The training augmentation in words (data.augment)."""
-        parts = ([f"random crop (pad {self.crop_pad})"] if self.crop_pad else []) + (["horizontal flip"] if self.flip else [])
+        crop = f"random crop (pad {self.crop_pad}{', reflect' if self.reflect else ''})"
+        flip = "horizontal flip" + (" (alternating by epoch)" if self.flip_coins is not None else "")
+        parts = ([crop] if self.crop_pad else []) + ([flip] if self.flip else [])
         return " + ".join(parts) or "none"
 
     def close(self) -> None:

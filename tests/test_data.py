@@ -174,7 +174,9 @@ FORMER_YAML = {
 
 @pytest.mark.parametrize("name", sorted(SOURCES))
 def test_source_defaults_equal_the_former_yaml(name):
-    assert OmegaConf.to_container(OmegaConf.structured(SOURCES[name])) == FORMER_YAML[name]
+    added = {"alternate_flip": False, "pad_mode": "zeros"}   # augmentation options added since, off by default
+    expected = {**FORMER_YAML[name], "augment": {**FORMER_YAML[name]["augment"], **added}}
+    assert OmegaConf.to_container(OmegaConf.structured(SOURCES[name])) == expected
 
 
 BAD_VALUES = [
@@ -700,6 +702,27 @@ def test_augment_crop_is_a_zero_filled_shift(dtype):
         assert any(torch.equal(o, cand) for cand in candidates)
     assert torch.equal(augment(x, p, True, gen(1)), out)
     assert not torch.equal(augment(x, p, True, gen(2)), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_augment_reflect_crop_equals_torch_reflect_padding(dtype):
+    b, p = 64, 2
+    x = torch.randint(0, 256, (b, 3, 7, 6)).to(dtype)
+    out = augment(x, p, False, gen(3), reflect=True)
+    g = gen(3)
+    top = torch.randint(0, 2 * p + 1, (b,), generator=g)
+    left = torch.randint(0, 2 * p + 1, (b,), generator=g)
+    padded = torch.nn.functional.pad(x.float(), (p, p, p, p), mode="reflect")
+    want = torch.stack([padded[i, :, top[i]:top[i] + 7, left[i]:left[i] + 6] for i in range(b)])
+    assert out.dtype == dtype and torch.equal(out.float(), want)
+    assert not torch.equal(augment(x, p, False, gen(3)), out)  # zeros shifted in differ
+
+
+def test_augment_mirror_mask_replaces_the_coin():
+    x = torch.randint(0, 256, (8, 3, 5, 5), dtype=torch.uint8)
+    mirror = torch.tensor([True, False] * 4)
+    out = augment(x, 0, True, gen(0), mirror=mirror)
+    assert torch.equal(out, torch.where(mirror[:, None, None, None], x.flip(-1), x))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

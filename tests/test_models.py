@@ -95,7 +95,7 @@ def test_fastnet_structure():
     for bn in bns:
         assert not bn.weight.requires_grad and torch.all(bn.weight == 1)
         assert bn.bias.requires_grad
-        assert bn.momentum == 0.6 and bn.eps == 1e-12
+        assert bn.momentum == 0.4 and bn.eps == 1e-12
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.bias is None for c in convs)
     assert convs[0].kernel_size == (2, 2) and convs[0].padding == (0, 0) and convs[0].out_channels == 24

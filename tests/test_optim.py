@@ -13,12 +13,15 @@ def layers_of(model):
 
 
 def reference(twin, trainer, scale_1d):
-    """torch.optim on the twin: one group per parameter, its LR set by hand each step."""
+    """torch.optim on the twin: one group per parameter, its LR set by hand each step; a
+    BatchNorm's tensors get ``norm_lr_mult`` times the LR and their decay divided by it."""
     groups = []
     for i, module in enumerate(twin):
+        mult = trainer.norm_lr_mult if isinstance(module, torch.nn.BatchNorm2d) else 1.0
         for p in module.parameters():
             decay = trainer.weight_decay if p.dim() > 1 or trainer.decay_1d else 0.0
-            groups.append({"params": [p], "weight_decay": decay, "layer": i, "scaled": p.dim() > 1 or scale_1d})
+            groups.append({"params": [p], "weight_decay": decay / mult, "layer": i, "scaled": p.dim() > 1 or scale_1d,
+                           "mult": mult})
     if trainer.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=trainer.momentum, nesterov=trainer.nesterov,
                                weight_decay=trainer.weight_decay, foreach=False)
@@ -30,22 +33,26 @@ def conv_model():  # no bias before BatchNorm: its gradient would be rounding no
                                torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3))
 
 
-CASES = [("sgd", 0.9, True, True, True), ("sgd", 0.9, True, False, True), ("sgd", 0.9, False, True, False),
-         ("sgd", 0.0, False, True, True), ("adamw", 0.9, False, False, True), ("adamw", 0.9, False, True, False)]
+CASES = [("sgd", 0.9, True, True, True, 1.0), ("sgd", 0.9, True, False, True, 1.0),
+         ("sgd", 0.9, False, True, False, 1.0), ("sgd", 0.0, False, True, True, 1.0),
+         ("adamw", 0.9, False, False, True, 1.0), ("adamw", 0.9, False, True, False, 1.0),
+         ("sgd", 0.85, True, True, True, 64.0), ("sgd", 0.9, True, False, False, 8.0),
+         ("adamw", 0.9, False, True, True, 8.0)]
 
 
-@pytest.mark.parametrize("optimizer,momentum,nesterov,decay_1d,scale_1d", CASES)
+@pytest.mark.parametrize("optimizer,momentum,nesterov,decay_1d,scale_1d,norm_lr_mult", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_flat_step_equals_torch_optim_with_layer_lrs_and_frozen_steps(optimizer, momentum, nesterov, decay_1d,
-                                                                      scale_1d, channels_last):
+                                                                      scale_1d, norm_lr_mult, channels_last):
     torch.manual_seed(0)
     model = conv_model()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     twin = copy.deepcopy(model)
     trainer = SimpleNamespace(optimizer=optimizer, lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=1e-2,
-                              decay_1d=decay_1d, betas=(0.9, 0.99))
-    ours = layer_optimizer(layers_of(model), trainer, scale_1d=scale_1d)
+                              decay_1d=decay_1d, betas=(0.9, 0.99), norm_lr_mult=norm_lr_mult)
+    ours = layer_optimizer(layers_of(model), trainer, scale_1d=scale_1d,
+                           norm_params={id(p) for p in model[1].parameters()})
     step = FlatStep(ours, num_layers=len(model))  # moves the parameters into its flat buffer
     if channels_last:  # the parameters kept their strides as views of the flat buffer
         assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -59,7 +66,7 @@ def test_flat_step_equals_torch_optim_with_layer_lrs_and_frozen_steps(optimizer,
                 p.requires_grad_(t not in (2, 3, 6))
             m(x).square().mean().backward()
         for group in theirs.param_groups:
-            group["lr"] = global_lr * (float(scales[group["layer"]]) if group["scaled"] else 1.0)
+            group["lr"] = global_lr * (float(scales[group["layer"]]) if group["scaled"] else 1.0) * group["mult"]
         step.step(scales, global_lr)
         theirs.step()
         for m in (model, twin):

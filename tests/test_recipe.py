@@ -3,6 +3,7 @@ augmentation, and the preset composing into a run. Its accuracy target is a GPU 
 (scripts/gpu_check.sh); these check the parts do what their docstrings say."""
 import math
 
+import pytest
 import torch
 
 from meta_llr.config import compose
@@ -29,8 +30,15 @@ def test_whitening_stem_whitens_the_patches_and_is_frozen():
     torch.testing.assert_close(out[:, 12:], -out[:, :12])
 
 
+def test_whitening_stem_has_a_bias_and_no_batchnorm():
+    net = build_model("fastnet", 3, 32, 10, widths=[8], whiten=True)
+    assert isinstance(net.stem_bn, torch.nn.Identity) and net.stem.bias is not None
+    assert torch.equal(net.stem.bias, torch.zeros(24)) and net.stem.bias.requires_grad
+    plain = build_model("fastnet", 3, 32, 10, widths=[8])
+    assert isinstance(plain.stem_bn, torch.nn.BatchNorm2d) and plain.stem.bias is None
+
+
 def test_whitening_refuses_other_than_three_channels():
-    import pytest
     from meta_llr.errors import UserError
     with pytest.raises(UserError, match="3-channel"):
         build_model("fastnet", 1, 8, 10, widths=[8], whiten=True)
@@ -38,19 +46,23 @@ def test_whitening_refuses_other_than_three_channels():
 
 def test_weight_average_follows_its_formula():
     flat, buffer = torch.zeros(3), torch.zeros(2)
-    average = WeightAverage(flat, [buffer, torch.zeros(1, dtype=torch.long)], every=2, decay=0.9, total_steps=5)
-    for done in range(1, 6):
+    average = WeightAverage(flat, [buffer, torch.zeros(1, dtype=torch.long)], every=2, decay=0.9, total_steps=7,
+                            start=1, steps_per_epoch=3)
+    values = []
+    for done in range(1, 8):
         flat.add_(1.0)             # a step moves the weights by 1 and the buffer by 2
         buffer.add_(2.0)
         average.after_step(done)
-    # done 2: slow = (1 - d2)·2 and the weights reset to it; done 4: the weights moved 2 more since;
-    # done 5 (the last, not a multiple of 2): the weights reset to the average of done 4.
-    d2, d4 = 0.9 ** 2 * (2 / 5) ** 3, 0.9 ** 2 * (4 / 5) ** 3
-    s2 = (1 - d2) * 2.0
-    s4 = d4 * s2 + (1 - d4) * (s2 + 2.0)
-    torch.testing.assert_close(flat, torch.full((3,), s4))
-    b2 = (1 - d2) * 4.0
-    torch.testing.assert_close(buffer, torch.full((2,), d4 * b2 + (1 - d4) * (b2 + 4.0)))
+        values.append((float(flat[0]), float(buffer[0])))
+    # done 1: before the start (the first multiple of 2 at or after step 1); done 2: slow = θ;
+    # done 3: an epoch's end, θ back to slow; done 4 and 6: the formula; done 7: the last, reset.
+    d4, d6 = 0.9 ** 2 * (4 / 7) ** 3, 0.9 ** 2 * (6 / 7) ** 3
+    s4 = d4 * 2.0 + (1 - d4) * 3.0          # θ was reset to 2 at done 3, then moved 1
+    s6 = d6 * s4 + (1 - d6) * (s4 + 2.0)    # done 5 is no reset: not an epoch's end
+    assert [v[0] for v in values] == pytest.approx([1.0, 2.0, 2.0, s4, s4 + 1, s6, s6])
+    b4 = d4 * 4.0 + (1 - d4) * 6.0
+    b6 = d6 * b4 + (1 - d6) * (b4 + 4.0)
+    assert [v[1] for v in values] == pytest.approx([2.0, 4.0, 4.0, b4, b4 + 2, b6, b6])
 
 
 def test_tta_levels_average_the_views():
@@ -72,12 +84,41 @@ def test_tta_levels_average_the_views():
         assert level2.shape == expected.shape and not torch.allclose(level2, expected)
 
 
-def test_airbench_recipe_composes_and_trains(tmp_path):
-    cfg = compose(["+recipe=airbench", "model.widths=[8]", "data=synthetic", "data.train_size=96", "data.test_size=16",
-                   "trainer.epochs=2", "trainer.batch_size=32", "trainer.checkpoint=false", "quiet=true"])
+def test_alternate_flip_mirrors_each_image_the_other_way_every_odd_epoch(tmp_path):
+    cfg = compose(["controller=uniform", "data=synthetic", "data.train_size=64", "data.test_size=16",
+                   "data.augment.crop_pad=0", "data.augment.alternate_flip=true", "model=mlp", "quiet=true",
+                   "trainer.checkpoint=false"])
+    run = build_run(cfg, tmp_path)
+    index = torch.arange(64)
+    views = []
+    for epoch in range(3):
+        run.epoch = epoch
+        views.append(run.augment(index, run.gen))
+    x = run.train_x
+    assert torch.equal(views[1], torch.where(run.flip_coins[:, None, None, None], x, x.flip(-1)))
+    assert torch.equal(views[0], views[2]) and torch.equal(views[0].flip(-1), views[1])
+    assert 10 < int(run.flip_coins.sum()) < 54   # the first orientation is a coin per image
+
+
+def test_airbench_recipe_trains_the_whitening_bias_three_epochs_and_boosts_batchnorm_shifts(tmp_path):
+    cfg = compose(["+recipe=airbench", "model.widths=[8]", "data=synthetic", "data.train_size=64", "data.test_size=16",
+                   "trainer.epochs=5", "trainer.batch_size=32", "trainer.checkpoint=false", "quiet=true",
+                   "trainer.ema_start=2"])
     assert cfg.model.name == "fastnet" and cfg.model.whiten and cfg.schedule.name == "onecycle"
     assert (cfg.trainer.ema_every, cfg.trainer.tta, cfg.trainer.label_smoothing, cfg.trainer.momentum) == (5, 2, 0.2, 0.85)
+    augment = cfg.data.augment
+    assert (cfg.trainer.norm_lr_mult, augment.pad_mode, augment.alternate_flip, cfg.trainer.ema_start) == (64, "reflect",
+                                                                                                          True, 2)
     run = build_run(cfg, tmp_path)
+    lrs = {name: run.flat_step.param_lrs(torch.ones(len(run.layers)), 1.0)[p]
+           for name, p in run.model.named_parameters() if p.requires_grad}
+    assert lrs["stem.bias"] == 1.0 and lrs["groups.0.bn1.bias"] == 64.0 and lrs["groups.0.conv1.weight"] == 1.0
+    bias, seen = run.model.stem.bias, []
+    start = run.model.epoch_start
+    run.model.epoch_start = lambda epoch: (seen.append(bias.detach().clone()), start(epoch))
     summary = run.fit()
     assert summary["status"] == "finished" and math.isfinite(summary["final_test_loss"])
-    assert run.weight_average is not None and torch.equal(run.flat_params, run.weight_average.slow)
+    assert len(seen) == 5 and not torch.equal(seen[0], seen[3])   # trained in epochs 0-2
+    # frozen from epoch 3: the average, started in epoch 2 (step 5 of 2 per epoch), holds it too
+    assert torch.equal(seen[3], seen[4]) and torch.equal(seen[4], bias) and not bias.requires_grad
+    assert torch.equal(run.flat_params, run.weight_average.slow)   # the run ends on the average
