@@ -60,11 +60,12 @@ def layer_optimizer(layers: Sequence, trainer, scale_1d: bool, norm_params: Set[
     per step stays (airbench's 64x "bias scaler" on BatchNorm shifts, arXiv 2404.00498)."""
     groups = []
     mult = float(getattr(trainer, "norm_lr_mult", 1.0))
+    norm = norm_params if mult != 1 else frozenset()
     merge = trainer.decay_1d or trainer.weight_decay == 0
     for layer in layers:
         kernels, others = [p for p in layer.params if p.dim() > 1], [p for p in layer.params if p.dim() <= 1]
-        boosted = [p for p in others if mult != 1 and id(p) in norm_params]
-        others = [p for p in others if not (mult != 1 and id(p) in norm_params)]
+        boosted = [p for p in others if id(p) in norm]
+        others = [p for p in others if id(p) not in norm]
         parts = ((0, kernels + others),) if merge and scale_1d else ((0, kernels), (1, others))
         for kind, params in parts + ((2, boosted),):
             if params:
@@ -171,6 +172,7 @@ class FlatStep:
             raise ValueError("FlatStep takes one LR multiplier besides 1")
         self.mult = max(set(mults) - {1.0}, default=1.0)
         self.boosted = [m != 1.0 for m in mults]
+        self.any_boosted = any(self.boosted)
         self.decay = max(decays, default=0.0)
         self.n_decayed = sum(n for n, d in zip(sizes, decayed) if d)
         self.layer_of = [g["layer"] for _, g in entries]
@@ -200,7 +202,8 @@ class FlatStep:
         self._link_state()
         self.zeros: torch.Tensor | None = None   # stand-in gradients of frozen parameters
         self.slot_tail = torch.tensor([0.0, 1.0, self.mult], dtype=self.dtype, device=device)  # slots L..L+2
-        self.plain = all(scaled) and not any(self.boosted)   # every λ is its layer's scale (until a layer freezes)
+        self.plain_layout = all(scaled) and not self.any_boosted   # every λ is its layer's scale ...
+        self.plain = self.plain_layout                            # ... until a parameter freezes
         self.index = self._index([True] * len(self.params))
         self.active: tuple[bool, ...] | None = None   # the has-gradient pattern the masks are built for
         self.masks: dict[str, torch.Tensor] = {}
@@ -244,7 +247,7 @@ class FlatStep:
         if self.plain:
             return scales[:, self.index]
         table = [scales, self.slot_tail.expand(self.S, 3)]
-        if any(self.boosted):
+        if self.any_boosted:
             table.append(scales * self.mult)
         return torch.cat(table, 1)[:, self.index]
 
@@ -319,7 +322,7 @@ class FlatStep:
         active, grads = self._grads()
         if active != self.active:
             self._masks(active)
-            self.plain = all(active) and all(self.scaled) and not any(self.boosted)
+            self.plain = all(active) and self.plain_layout
             if not all(active) and self.zeros is None:
                 shape = (max(self.sizes),) if self.stacked is None else (self.S, max(self.sizes))
                 self.zeros = torch.zeros(shape, dtype=self.dtype, device=self.device)

@@ -87,6 +87,9 @@ class Run:
         self.std = torch.tensor(data.std, device=device).clamp_min(1e-3).view(1, -1, 1, 1) * 255  # constant channels
         self.crop_pad, self.flip = int(cfg.data.augment.crop_pad), bool(cfg.data.augment.flip)
         self.reflect = cfg.data.augment.pad_mode == "reflect"
+        if self.reflect and self.crop_pad >= min(self.train_x.shape[-2:]):
+            raise UserError(f"data.augment.crop_pad={self.crop_pad} with pad_mode=reflect needs a pad smaller than "
+                            f"the {tuple(self.train_x.shape[-2:])} images; lower crop_pad or use pad_mode=zeros")
         self.flip_coins = None  # alternate_flip: each image's mirroring in even epochs, drawn once from the seed
         if self.flip and cfg.data.augment.alternate_flip:
             coins = torch.Generator(device=device)
@@ -236,8 +239,7 @@ class Run:
         batches = []
         for _ in range(k):
             index = torch.randint(len(self.train_y), (size,), generator=gen, device=self.device)
-            x = augment(self.train_x[index], self.crop_pad, self.flip, gen, reflect=self.reflect)
-            batches.append((self.normalize(x), self.train_y[index]))
+            batches.append((self.normalize(self.augment(index, gen)), self.train_y[index]))
         val_x, val_y = self.eval_splits["val"]
         index = torch.randint(len(val_y), (size,), generator=gen, device=self.device)
         return batches, (self.normalize(val_x[index]), val_y[index])

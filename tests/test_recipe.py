@@ -100,6 +100,18 @@ def test_alternate_flip_mirrors_each_image_the_other_way_every_odd_epoch(tmp_pat
     assert 10 < int(run.flip_coins.sum()) < 54   # the first orientation is a coin per image
 
 
+def test_reflect_padding_wider_than_the_image_is_one_line(tmp_path):
+    from meta_llr.errors import UserError
+    cfg = compose(["controller=uniform", "data=synthetic", "data.size=8", "data.train_size=16", "data.test_size=8",
+                   "data.augment.crop_pad=8", "data.augment.pad_mode=reflect", "model=mlp", "quiet=true",
+                   "trainer.checkpoint=false"])
+    with pytest.raises(UserError) as error:
+        build_run(cfg, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("data.augment.crop_pad=8 with pad_mode=reflect")
+    assert "pad_mode=zeros" in message
+
+
 def test_airbench_recipe_trains_the_whitening_bias_three_epochs_and_boosts_batchnorm_shifts(tmp_path):
     cfg = compose(["+recipe=airbench", "model.widths=[8]", "data=synthetic", "data.train_size=64", "data.test_size=16",
                    "trainer.epochs=5", "trainer.batch_size=32", "trainer.checkpoint=false", "quiet=true",
