@@ -467,8 +467,9 @@ class Run:
 
     def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The logits of a normalised batch under ``trainer.tta``: level 0 the image's; level 1 the
-        mean over the image and its mirror; level 2 half that mean and half the mean over the
-        four 1-pixel diagonal translations (reflect padding) of the image and of its mirror."""
+        mean over the image and its mirror; level 2 half that mean and half the level-1 mean over
+        the image's two 1-pixel diagonal translations (up-left, down-right; reflect padding), so the
+        mirrors are of the translated images: airbench94's six weighted views."""
         logits = self.forward(x).float()
         if self.tta == 0:
             return logits
@@ -476,10 +477,9 @@ class Run:
         logits = 0.5 * (logits + self.forward(mirrored).float())
         if self.tta == 1:
             return logits
-        shifted = []
-        for image in (x, mirrored):
-            padded = F.pad(image, (1, 1, 1, 1), mode="reflect")
-            shifted += [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :-2, :-2], padded[..., 2:, 2:]]
+        shifted += [v.flip(-1) for v in shifted]
         return 0.5 * logits + 0.5 * torch.stack([self.forward(v).float() for v in shifted]).mean(0)
 
     def log_evaluation(self, wall: float) -> dict:

@@ -81,7 +81,16 @@ def test_tta_levels_average_the_views():
             torch.testing.assert_close(run.tta_logits(x), run.model(x))
             run.tta = 2
             level2 = run.tta_logits(x)
-        assert level2.shape == expected.shape and not torch.allclose(level2, expected)
+            size = x.shape[-1]
+
+            def shift(image, d):  # out[i, j] = image[i + d, j + d], reflected at the borders
+                index = torch.arange(size) + d
+                index = torch.where(index < 0, -index, torch.where(index >= size, 2 * size - 2 - index, index))
+                return image[..., index, :][..., index]
+
+            views = [shift(x, -1), shift(x, 1)]
+            translated = torch.stack([0.5 * (run.model(v) + run.model(v.flip(-1))) for v in views]).mean(0)
+            torch.testing.assert_close(level2, 0.5 * expected + 0.5 * translated)
 
 
 def test_alternate_flip_mirrors_each_image_the_other_way_every_odd_epoch(tmp_path):
@@ -134,3 +143,29 @@ def test_airbench_recipe_trains_the_whitening_bias_three_epochs_and_boosts_batch
     # frozen from epoch 3: the average, started in epoch 2 (step 5 of 2 per epoch), holds it too
     assert torch.equal(seen[3], seen[4]) and torch.equal(seen[4], bias) and not bias.requires_grad
     assert torch.equal(run.flat_params, run.weight_average.slow)   # the run ends on the average
+
+
+def test_tta_levels_script_evaluates_the_newest_checkpoint_at_each_level(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from meta_llr.run import train
+
+    spec = importlib.util.spec_from_file_location("tta_levels", Path(__file__).parent.parent / "scripts" / "tta_levels.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = compose(["controller=uniform", "model=fastnet", "model.widths=[8]", "data=synthetic", "data.train_size=64",
+                   "data.test_size=32", "trainer.epochs=1", "trainer.batch_size=32", "quiet=true", "trainer.tta=1"])
+    train(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    capsys.readouterr()
+    assert script.main([str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("step 2") and [line.split(":")[0].strip() for line in lines[1:]] == \
+        ["trainer.tta=0", "trainer.tta=1", "trainer.tta=2"]
+    level1 = lines[2].split("test acc ")[1].split(",")
+    assert float(level1[0]) == pytest.approx(summary["final_test_acc"], abs=1e-4)
+    assert float(level1[1].split("test loss ")[1].split()[0]) == pytest.approx(summary["final_test_loss"], abs=1e-4)
+    assert script.main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path} holds no config.yaml; give the directory of a run"
