@@ -173,3 +173,25 @@ def test_every_controller_as_a_replica_follows_its_single_run(name, tmp_path):
     for key, value in theirs.items():
         torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5 * largest, msg=key)
     torch.testing.assert_close(group.runs[1].trace[:4], single.trace[:4], rtol=1e-5, atol=1e-5)
+
+
+def test_replicas_of_the_airbench_recipes_parts_follow_their_single_runs(tmp_path):
+    """The recipe's parts are per replica too: the whitening stem fitted to the data and its bias
+    frozen after its epochs, the weight average and its epoch-end resets, the BatchNorm-shift LR
+    multiplier, alternating flips with reflect padding, label smoothing and TTA. Each replica's
+    records over 4 epochs equal its seed's single run."""
+    options = ["data=synthetic", "data.channels=3", "data.size=8", "data.classes=4", "data.train_size=96",
+               "data.test_size=32", "model=fastnet", "model.widths=[8,8]", "model.whiten=true", "trainer.epochs=4",
+               "trainer.batch_size=16", "quiet=true", "device=cpu", "trainer.checkpoint=false", "trainer.ema_every=2",
+               "trainer.ema_start=1", "trainer.norm_lr_mult=8", "data.augment.flip=true",
+               "data.augment.alternate_flip=true", "data.augment.pad_mode=reflect", "data.augment.crop_pad=2",
+               "trainer.label_smoothing=0.2", "trainer.tta=2", "trainer.momentum=0.85", "trainer.nesterov=true"]
+    assert train(compose_config(*options, "seed=3", "replicas=2"), tmp_path / "group")["status"] == "finished"
+    for seed in (3, 4):
+        train(compose_config(*options, f"seed={seed}"), tmp_path / f"single{seed}")
+        rows = [[json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+                for directory in (tmp_path / "group" / f"s{seed}", tmp_path / f"single{seed}")]
+        assert [row["step"] for row in rows[0]] == [row["step"] for row in rows[1]] == [6, 12, 18, 24]
+        for ours, theirs in zip(*rows):
+            for key in ("train_loss", "test_loss", "test_acc"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (seed, ours["step"], key)
