@@ -9,7 +9,8 @@
 #   4. several runs per GPU: 4 short shallow runs one at a time, then 4 at once (joblib);
 #   5. replicas (issue 16): 16 replicas of shallow and of ResNet-20 in one process against 16
 #      sequential runs -> bench_replicas.json (target: >= 4x the images/s);
-#   6. the airbench recipe: +recipe=airbench, 10 epochs, compiled -> test accuracy (target 0.93);
+#   6. the airbench recipe: +recipe=airbench, 10 epochs, compiled -> test accuracy (target 0.93) and
+#      time per run; then seeds 1..RECIPE_REPLICAS (default 4) as replicas in one process -> mean, sd;
 #   and writes gpu_check.json and gpu_check.md (the tables of parts 1, 3, 5 and 6).
 #
 # Usage:  scripts/gpu_check.sh [CIFAR_DIR]
@@ -112,6 +113,10 @@ if [ -d "$CIFAR_DIR" ]; then
     part recipe "$PYTHON" -m meta_llr.train +recipe=airbench data=imagefolder "data.path=$(cd "$CIFAR_DIR" && pwd)" \
         data.workers=1 "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda trainer.compile=true \
         trainer.checkpoint=false quiet=true seed=${RECIPE_SEED:-0} "hydra.run.dir=$OUT/recipe"
+    # 6b. Its accuracy over more seeds at about the price of one: replicas (not compiled), seeds 1..S.
+    part recipe_seeds "$PYTHON" -m meta_llr.train +recipe=airbench data=imagefolder "data.path=$(cd "$CIFAR_DIR" && pwd)" \
+        data.workers=1 "data.root=${CACHE_DIR:-/tmp/meta_llr_cache}" device=cuda trainer.checkpoint=false quiet=true \
+        seed=1 replicas=${RECIPE_REPLICAS:-4} "hydra.run.dir=$OUT/recipe_seeds"
 fi
 
 echo; echo "== summary (${SECONDS}s)"
@@ -126,6 +131,8 @@ def load(name):
         return None
 bench, replicas, fastnet = load("bench.json"), load("bench_replicas.json"), load("fastnet_cifar10/summary.json")
 recipe = load("recipe/summary.json")
+seeds = [s for s in (load(f"recipe_seeds/{d.name}/summary.json")
+                     for d in sorted((out / "recipe_seeds").glob("s*"))) if s] if (out / "recipe_seeds").is_dir() else []
 md = ["# GPU check", "", "| model | controller | ms/step | images/s | ratio | target | +ops | +ops, mean of 20 | ok |",
       "|---|---|---|---|---|---|---|---|---|"]
 for r in bench or []:
@@ -143,9 +150,16 @@ if fastnet:
 if recipe:
     md += ["", f"+recipe=airbench (fastnet, 10 epochs, compiled), CIFAR-10 JPEG copy (lossy): {recipe['status']}, "
            f"test acc {recipe['final_test_acc']} (target 0.93), {recipe['wall_s']:.1f} s wall (compile included)"]
+if seeds:
+    import statistics
+    accs = [s["final_test_acc"] for s in seeds]
+    spread = f", sd {statistics.stdev(accs):.4f}" if len(accs) > 1 else ""
+    md += ["", f"+recipe=airbench as {len(accs)} replicas (seeds {', '.join(str(s['seed']) for s in seeds)}), CIFAR-10 JPEG "
+           f"copy (lossy): test acc mean {statistics.mean(accs):.4f}{spread} (each: {', '.join(f'{a:.4f}' for a in accs)}; "
+           f"status {', '.join(s['status'] for s in seeds)}), {seeds[0]['wall_s']:.1f} s wall for all of them together"]
 (out / "gpu_check.md").write_text("\n".join(md) + "\n")
 (out / "gpu_check.json").write_text(json.dumps({"bench": bench, "replicas": replicas, "compile_run": fastnet,
-                                                "recipe": recipe}, indent=1))
+                                                "recipe": recipe, "recipe_seeds": seeds}, indent=1))
 print("\n".join(md))
 EOF
 if [ -f "$OUT/bench.json" ]; then
