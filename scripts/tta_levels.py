@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
-        print(__doc__.strip().splitlines()[2].strip())
+        print(f"usage: {__doc__.strip().splitlines()[2].strip()}", file=sys.stderr)
         return 2
     from meta_llr import checkpoint
     from meta_llr.errors import UserError
