@@ -339,8 +339,9 @@ class FlatStep:
 
     def _sgd(self, theta, g, lam, lr, masks, defaults) -> None:
         if self.decay:
-            if "decay" in masks or self.decay_vec is not None:
-                g.addcmul_(theta, masks.get("decay", self.decay_vec))
+            decay = masks.get("decay", self.decay_vec)   # per element; None: one value on a prefix
+            if decay is not None:
+                g.addcmul_(theta, decay)
             else:
                 g[:, :self.n_decayed].add_(theta[:, :self.n_decayed], alpha=self.decay)
         momentum = defaults["momentum"]
@@ -361,9 +362,9 @@ class FlatStep:
         m, v = self.buffers
         self.steps = [k + 1 if a else k for k, a in zip(self.steps, active)]
         if self.decay:
-            n = self.n_decayed
-            if "decay" in masks or self.decay_vec is not None:
-                theta.addcmul_(theta * lam, masks.get("decay", self.decay_vec), value=-lr)
+            n, decay = self.n_decayed, masks.get("decay", self.decay_vec)
+            if decay is not None:
+                theta.addcmul_(theta * lam, decay, value=-lr)
             else:
                 theta[:, :n].addcmul_(theta[:, :n], lam[:, :n], value=-lr * self.decay)
         if "beta1" in masks:
