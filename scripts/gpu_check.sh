@@ -131,8 +131,7 @@ def load(name):
         return None
 bench, replicas, fastnet = load("bench.json"), load("bench_replicas.json"), load("fastnet_cifar10/summary.json")
 recipe = load("recipe/summary.json")
-seeds = [s for s in (load(f"recipe_seeds/{d.name}/summary.json")
-                     for d in sorted((out / "recipe_seeds").glob("s*"))) if s] if (out / "recipe_seeds").is_dir() else []
+seeds = [s for s in (load(f"recipe_seeds/{d.name}/summary.json") for d in sorted((out / "recipe_seeds").glob("s*"))) if s]
 md = ["# GPU check", "", "| model | controller | ms/step | images/s | ratio | target | +ops | +ops, mean of 20 | ok |",
       "|---|---|---|---|---|---|---|---|---|"]
 for r in bench or []:
