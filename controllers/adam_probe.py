@@ -63,6 +63,9 @@ class AdamProbe(Controller):
             raise ValueError(f"probe_every must be >= 0 (0 = no probes), got {probe_every}")
         if not quantiles or any(not 0 <= q <= 1 for q in quantiles):
             raise ValueError(f"quantiles must be a non-empty list of values in [0, 1], got {quantiles}")
+        names = [round(q * 100) for q in quantiles]  # the adam_probe.csv columns q10, q50, ...
+        if len(set(names)) < len(names):
+            raise ValueError(f"quantiles must differ in whole percent (columns q00..q100), got {quantiles}")
         if not 0 < min_scale <= max_scale:
             raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.beta1, self.beta2, self.eps, self.ema = beta1, beta2, eps, ema

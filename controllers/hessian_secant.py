@@ -203,12 +203,12 @@ class HessianSecant(Controller):
         self.ones = torch.ones(self.num_layers, device=device)
         self.steps_seen = 0
         self.rows: list[dict] = []
+        self.have = torch.zeros(self.num_layers, dtype=torch.bool, device=device)  # layers with an estimate
         if self.form == "hvp":
             self.before = [w.clone() for w in self.current]  # θ(t) at a probe step, then −u(t)
             self.curvature = torch.ones(self.num_layers, device=device)   # smoothed c per layer
             self.last_value = torch.zeros(self.num_layers, device=device)  # the last raw c, where valid
             self.last_valid = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
-            self.have = torch.zeros(self.num_layers, dtype=torch.bool, device=device)
             self.cached = self.ones.clone()
             self.signs = walsh_signs(self.num_layers).to(device)
             bounds, start = [], 0
@@ -246,10 +246,9 @@ class HessianSecant(Controller):
         if self.form == "hvp" and self.normalize:
             return self.cached  # refreshed at each probe
         if self.normalize:
-            return self._profile(self.estimate)
+            return self._profile(self.estimate, self.have)
         ratio = self.gain * self.estimate / self.plan.global_lr(step)
-        if self.form == "hvp":  # a layer without an estimate yet keeps the global LR
-            ratio = torch.where(self.have, ratio, 1.0)
+        ratio = torch.where(self.have, ratio, 1.0)  # a layer without an estimate yet keeps the global LR
         return ratio.clamp(self.min_scale, self.max_scale)
 
     # ------------------------------------------------------------------ form=hvp
@@ -310,11 +309,12 @@ class HessianSecant(Controller):
 
     # ------------------------------------------------------------------ the secant forms
     def _new_estimate(self, value: torch.Tensor) -> None:
-        value = torch.where(torch.isfinite(value) & (value > 0), value, self.estimate)
-        if self.count == 0:
-            self.estimate.copy_(value)
-        else:
-            self.estimate.lerp_(value, self.ema)
+        """Fold one secant value per layer into ε: a layer's first valid value as it is, later ones
+        by the EMA; an invalid one (not finite, or ≤ 0) leaves the layer's ε as it was."""
+        valid = torch.isfinite(value) & (value > 0)
+        smoothed = torch.where(self.have, self.estimate.lerp(value, self.ema), value)
+        self.estimate = torch.where(valid, smoothed, self.estimate)
+        self.have = self.have | valid
         self.count += 1
 
     @torch.no_grad()
@@ -385,9 +385,9 @@ class HessianSecant(Controller):
 
     def state_dict(self) -> dict:
         common = {"estimate": self.estimate, "count": self.count, "steps_seen": self.steps_seen,
-                  "rows": list(self.rows)}
+                  "rows": list(self.rows), "have": self.have}
         if self.form == "hvp":
-            return {**common, "curvature": self.curvature, "have": self.have, "last_value": self.last_value,
+            return {**common, "curvature": self.curvature, "last_value": self.last_value,
                     "last_valid": self.last_valid, "cached": self.cached}
         return {**common, "weights": self.weights, "other": self.other, "numerator": self.numerator,
                 "have_other": self.have_other}
@@ -395,8 +395,10 @@ class HessianSecant(Controller):
     def load_state_dict(self, state: Mapping) -> None:
         self.estimate = state["estimate"].clone()
         self.count, self.steps_seen, self.rows = int(state["count"]), int(state["steps_seen"]), list(state["rows"])
+        # checkpoints of the secant forms before the per-layer mask: every layer had its estimate
+        self.have = state["have"].clone() if "have" in state else torch.full_like(self.have, self.count > 0)
         if self.form == "hvp":
-            self.curvature, self.have = state["curvature"].clone(), state["have"].clone()
+            self.curvature = state["curvature"].clone()
             self.last_value, self.last_valid = state["last_value"].clone(), state["last_valid"].clone()
             self.cached = state["cached"].clone()
             return

@@ -7,7 +7,8 @@ so its hypergradient is ``∂L(θ(t))/∂η_l(t−1) = g_l(t)·u_l(t−1)/η_l(t
 
     h_l = −g_l(t)·u_l(t−1)/η_l(t−1)      (= g_l(t)·g_l(t−1) for plain SGD, the paper's h)
 
-the layer LR ``α_l`` (``α_l(0) = η(0)``, the global LR at the first step) follows
+the layer LR ``α_l`` (``α_l(0) = η(0)``, the global LR at the first step, or its first
+positive value when a schedule starts at 0) follows
 
     rule=additive:        α_l ← α_l + β·h_l                                (the paper's SGD-HD)
     rule=multiplicative:  α_l ← α_l·(1 + β·cos(g_l(t), −u_l(t−1)))         (default)
@@ -52,7 +53,9 @@ class Hypergrad(Controller):
     def setup(self, layers: Sequence[Layer], plan: Plan) -> None:
         super().setup(layers, plan)
         device = plan.device
-        self.alpha0 = plan.global_lr(0).detach().clone().float()
+        # a schedule may start at 0 (triangular with low=0): α/α(0) needs a positive α(0)
+        positive = plan.lr_table[plan.lr_table > 0]
+        self.alpha0 = (positive[0] if len(positive) else plan.lr_table.new_ones(())).detach().clone().float()
         self.alpha = torch.full((self.num_layers,), 1.0, device=device) * self.alpha0
         self.prev_update_norm = torch.zeros(self.num_layers, device=device)
         self.prev_lr = torch.full((self.num_layers,), 1.0, device=device) * self.alpha0

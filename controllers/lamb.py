@@ -12,6 +12,9 @@ the run's step for layer l is ``θ_l ← θ_l − η(t)·scale_l·r_l`` with Ada
 
 over the layer's kernels (its >=2-D tensors); with ``exclude_1d=true`` (the default, as is
 usual for LAMB in practice) biases and normalisation parameters keep scale 1, i.e. plain AdamW.
+With ``exclude_1d=false`` they join their layer's ``r_l`` with the decay the run gives them
+(none under ``trainer.decay_1d=false``); that needs ``trainer.norm_lr_mult=1``, since another
+multiplier would move normalisation parameters along a different direction than ``r_l``.
 So the layer moves by ``η·‖θ_l‖`` along the unit direction ``r_l/‖r_l‖``: exactly LAMB, since
 AdamW applies one LR to its decay and its adaptive step.
 
@@ -49,8 +52,13 @@ class Lamb(Controller):
         if spec.name != "adamw":
             raise UserError("controller=lamb scales the AdamW direction: set trainer.optimizer=adamw "
                             "(e.g. trainer.lr=0.01)")
+        if not self.exclude_1d and spec.norm_lr_mult != 1:
+            raise UserError(f"controller.exclude_1d=false puts normalisation parameters in the trust ratio, "
+                            f"which trainer.norm_lr_mult={spec.norm_lr_mult:g} would change; set "
+                            f"trainer.norm_lr_mult=1 or controller.exclude_1d=true")
         self.beta1, self.beta2 = spec.betas
         self.eps, self.decay = spec.eps, spec.weight_decay
+        self.decay_1d = spec.decay_1d
         self.per_layer = PerLayer.of_layers(layers, plan.device, keep=lambda p: p.dim() > 1 or not self.exclude_1d)
         self.kernels = self.per_layer.tensors
         self.exp_avg = [torch.zeros_like(p) for p in self.kernels]
@@ -77,8 +85,9 @@ class Lamb(Controller):
         torch._foreach_add_(denom, self.eps)
         direction = torch._foreach_div(m, denom)
         torch._foreach_div_(direction, bias1)
-        if self.decay:
-            torch._foreach_add_(direction, [self.kernels[i] for i in live], alpha=self.decay)
+        decayed = [(d, self.kernels[i]) for i, d in zip(live, direction) if self.decay_1d or self.kernels[i].dim() > 1]
+        if self.decay and decayed:
+            torch._foreach_add_([d for d, _ in decayed], [p for _, p in decayed], alpha=self.decay)
         full = [self.zero] * len(self.kernels)  # a frozen kernel: norm 0
         for i, d in zip(live, direction):
             full[i] = d

@@ -22,10 +22,11 @@ controller.trust=0.001 trainer.lr=5`` (digits 0.9972; at ``trainer.lr=0.05`` it 
 Timing: the loop calls ``scales(t)`` after step t's backward and before its update, so the
 ratio uses this step's gradient ``g(t)`` and the weights ``θ(t)`` it updates, as in the paper
 (and timm's ``Lars``). The loop applies ``scale_l`` to the layer's LR, after the momentum
-buffer (torch.optim's convention: ``b ← μb + (g + wd·θ)``, ``θ ← θ − η·scale_l·b``); the paper
-puts the ratio inside the buffer (``v ← μv + η·λ_l·(g + β·θ)``). The two are identical on a
-first step (tests/test_trust_ratio.py writes it out by hand) and whenever ``λ_l`` is constant;
-under momentum and a changing ratio they differ by how past steps are weighted.
+buffer (torch.optim's convention: ``b ← μb + (g + wd·θ)``, ``θ ← θ − η·scale_l·b``, or along
+``g + wd·θ + μb`` with ``trainer.nesterov=true``, the default); the paper puts the ratio inside
+the buffer (``v ← μv + η·λ_l·(g + β·θ)``). Without Nesterov the two are identical on a first
+step (tests/test_trust_ratio.py writes it out by hand) and whenever ``λ_l`` is constant; under
+momentum and a changing ratio they differ by how past steps are weighted.
 Cost: two batched norms over the kernels per step; no state.
 """
 from __future__ import annotations

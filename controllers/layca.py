@@ -19,8 +19,11 @@ layer multipliers are the paper's, with L layers and l = 0..L−1 in forward ord
 The scales returned are ``m_l`` (so ``effective_lr`` in the diagnostics is ρ_l). Biases and
 normalisation parameters are not trained, as in the paper (``other_params=none``: restored
 to their value before the step), or trained by the base optimizer at the global LR
-(``other_params=sgd``). A layer whose step has no orthogonal part (no gradient) is left
-unrotated. No extra state beyond the loop's copy of the weights before the step; the update
+(``other_params=sgd``). A layer whose step has no orthogonal part that the float type
+resolves is left unrotated and only renormalised: with ε the machine epsilon, ``‖s⊥‖²`` is
+trusted when it exceeds ``64ε·(‖s‖² + ε‖w‖²)``, the rounding of ``‖s‖² − (s·w)²/‖w‖²`` plus that
+of ``s = w − w_after`` itself (a layer with no gradient, whose step is weight decay alone,
+would otherwise turn in a direction made of rounding noise). No extra state beyond the loop's copy of the weights before the step; the update
 is computed on flat vectors of all kernels (``meta_llr.per_layer``: a fixed number of kernel
 launches, a few kernel-sized temporaries during the step).
 """
@@ -73,6 +76,7 @@ class Layca(Controller):
         with torch.no_grad():
             self.initial_norm = self.per_layer.norm(self.kernels)
         self.zero, self.one = torch.zeros((), device=device), torch.ones((), device=device)
+        self.eps = torch.finfo(self.kernels[0].dtype).eps if self.kernels else 0.0
         # The kernels as one flat vector: a view of the run's parameter buffer, where they lie
         # back to back (meta_llr.optim.flatten_); elsewhere a copy per step, written back.
         kernels = [k.detach() for k in self.kernels]  # same storage, outside autograd
@@ -92,7 +96,7 @@ class Layca(Controller):
         # ‖w‖·sqrt(1 + ρ²) exactly (s⊥ ⊥ w), so the renormalised result is, with k = w − s the
         # kernels after the base step,   w_new = α·w + β·k,
         #   β = ‖w(0)‖·ρ / (sqrt(1 + ρ²)·sqrt(P)),   α = ‖w(0)‖ / (‖w‖·sqrt(1 + ρ²)) + β·(q − 1),
-        # and with P = 0 (no orthogonal step) ρ = 0: w_new = w·‖w(0)‖/‖w‖.
+        # and with P = 0 (no orthogonal step, or none above rounding) ρ = 0: w_new = w·‖w(0)‖/‖w‖.
         pl = self.per_layer
         w = pl.flat_view([b[k] for b, ks in zip(before, self.kernel_index) for k in ks])
         k = self.kernels_flat if self.kernels_flat is not None else pl.flat(self.kernels)
@@ -100,8 +104,8 @@ class Layca(Controller):
         ws = torch.stack([w, s])
         (ww, _), (sw, ss) = pl.totals_of_flat((ws.unsqueeze(1) * ws.unsqueeze(0)).flatten(0, 1)).view(2, 2, -1)
         q = sw / ww
-        p = (ss - sw * q).clamp_min_(0)
-        moves = p > 0
+        p = torch.addcmul(ss, sw, q, value=-1)
+        moves = torch.add(ss, ww, alpha=self.eps).mul_(64 * self.eps) < p
         rho = torch.where(moves, self.plan.global_lr(step) * self.multipliers, self.zero)
         root = torch.hypot(rho, self.one)
         beta = torch.where(moves, self.initial_norm * rho / (root * p.sqrt()), self.zero)

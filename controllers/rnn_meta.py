@@ -72,6 +72,9 @@ NUM_FEATURES = 8
 NORMALISED = [0, 1, 2, 7]      # features standardised by running statistics
 WEIGHTS_FORMAT = "meta_llr.rnn_meta/1"
 EPS = 1e-12
+UNROLLED_SGD = "controller.learn=unrolled looks ahead through SGD steps; use trainer.optimizer=sgd"
+UNROLLED_HELD_OUT = ("controller.learn=unrolled needs held-out batches: run it in the training loop with "
+                     "data.val_size=N, or call controller.attach_lookahead(Lookahead(...))")
 
 
 def _kernels(layer) -> list[torch.Tensor]:
@@ -224,8 +227,11 @@ class RNNMeta(Controller):
     def setup(self, layers, plan):
         super().setup(layers, plan)
         device, L, H = plan.device, self.num_layers, self.hidden
-        if self.learn == "unrolled" and self.lookahead is None and plan.lookahead is not None:
-            self.attach_lookahead(plan.lookahead)
+        if self.learn == "unrolled":
+            if self.lookahead is None and plan.lookahead is not None:
+                self.attach_lookahead(plan.lookahead)
+            if plan.optimizer.name != "sgd":
+                raise UserError(UNROLLED_SGD)
         self.learner.to(device)
         self.params = list(self.learner.parameters())
         self.refresh()
@@ -352,9 +358,8 @@ class RNNMeta(Controller):
     @torch.no_grad()
     def observe(self, step, stats):
         every, k = self.every, self.horizon
-        if self.learn == "unrolled" and self.lookahead is None:
-            raise UserError("controller.learn=unrolled needs held-out batches: run it in the training "
-                            "loop (with data.val_size=N) or call controller.attach_lookahead(Lookahead(...))")
+        if self.learn == "unrolled" and (self.lookahead is None or not self.lookahead.held_out):
+            raise UserError(UNROLLED_HELD_OUT)  # at the first step: attach_lookahead may follow setup
         # 1) the signal for the output used at step-1 (online: ∂L(t)/∂log s(t−1)).
         if step >= 1 and self.learn == "online":
             slot = ((step - 1) // every) % (2 * k)
@@ -488,8 +493,6 @@ class RNNMeta(Controller):
         log_scales = self.current.log()
         lr = self.plan.global_lr(step)
         spec, optimizer = self.plan.optimizer, self.lookahead.optimizer
-        if spec.name != "sgd":
-            raise UserError("controller.learn=unrolled looks ahead through SGD steps; use trainer.optimizer=sgd")
         params = [p for layer in self.layers for p in layer.params]
         decay = {id(p): spec.weight_decay if (p.dim() > 1 or spec.decay_1d) else 0.0 for p in params}
         buffers = {}

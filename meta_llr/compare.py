@@ -11,7 +11,8 @@ Pooling rules (never silent):
   each setting is compared on its own and the report says so;
 * inside a group, runs whose configs differ in anything else (LR, schedule, controller
   options; seeds and paths excepted) are split into sub-groups ``label [key=value]``;
-* a ``diverged``, ``failed``, ``incomplete`` or ``unreadable`` run is counted in its group and
+* a ``diverged``, ``failed``, ``interrupted``, ``running``, ``incomplete`` or ``unreadable`` run
+  (:data:`STATUSES`) is counted in its group and
   left out of every mean and test (its last numbers are not a result); the tables say how
   many and why (``5 runs, 1 diverged (loss_explosion)``; ``compare.csv`` columns ``diverged``
   and ``diverged_reasons``, e.g. ``loss_explosion:1``). A run at chance that finished is a
@@ -129,6 +130,11 @@ def flatten(node, prefix: str = "") -> dict:
     return {prefix[:-1]: node if not isinstance(node, list) else tuple(node)}
 
 
+# What a run directory can say (meta_llr.run writes the first five; incomplete: no summary yet,
+# unreadable: a record that does not parse). Only finished runs enter means and tests.
+STATUSES = ("finished", "diverged", "failed", "interrupted", "running", "incomplete", "unreadable")
+
+
 def _ignored(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
 
@@ -140,8 +146,10 @@ class Group:
     values: list[dict] = field(default_factory=list)  # finished runs only
 
     def counts(self) -> dict:
-        statuses = [r.status for r in self.runs]
-        return {s: statuses.count(s) for s in ("finished", "diverged", "failed", "incomplete", "unreadable")}
+        """Runs per status, every one of :data:`STATUSES` (a status not among them, from a
+        newer writer, counts as ``incomplete``: never silently dropped)."""
+        statuses = [r.status if r.status in STATUSES else "incomplete" for r in self.runs]
+        return {s: statuses.count(s) for s in STATUSES}
 
     def reasons(self) -> dict[str, int]:
         """Diverged runs per reason, most frequent first."""

@@ -53,7 +53,8 @@ class TrainerConfig:
     Divergence, checked at the log points (one host transfer each) and at the end of every
     epoch: the run stops with status ``diverged`` and ``reason`` ``non_finite`` when the
     training loss is NaN or infinite, or ``loss_explosion`` when a log interval's mean
-    training loss exceeds ``divergence_factor`` times the first log interval's.
+    training loss (or, at an epoch end, the open interval's) exceeds ``divergence_factor``
+    times ``min(first interval's mean, ln(num_classes))``.
     """
 
     section: ClassVar[str] = "trainer"
@@ -81,7 +82,8 @@ class TrainerConfig:
                                           doc="N: also evaluate after every N-th step (null: per epoch only)")
     log_every: int = opt(50, ge=1, doc="steps between progress updates, train_loss.csv rows and divergence checks")
     divergence_factor: float = opt(20.0, gt=1, doc="diverged (loss_explosion) when a log interval's mean "
-                                                   "training loss exceeds this times the first interval's")
+                                                   "training loss exceeds this times min(the first "
+                                                   "interval's, ln(classes))")
     trace_every: Optional[int] = opt(None, ge=1, nullable=True, doc="steps between llr.csv rows; null: >= 200 rows")
     precision: str = opt("auto", choices=("auto", "fp32", "bf16"), doc="auto: bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = opt(False, free=True, doc="torch.compile the model")
@@ -140,7 +142,8 @@ class Config:
     data: Any = MISSING
     schedule: Any = MISSING
     study: str = opt("default", free=True, doc="runs/<study>/... groups related runs")
-    seed: int = opt(0, ge=0)
+    seed: int = opt(0, ge=0, le=2**31 - 1000, doc="the run's seed; its data order, augmentation and lookahead "
+                                                   "streams take seed+1, seed+2 and replicas seed+i: room is left")
     replicas: int = opt(1, ge=1, le=256, doc="S > 1: S runs with seeds seed..seed+S-1 in one process (meta_llr.replicas)")
     device: str = opt("auto", free=True, doc="auto | cpu | cuda | cuda:N")
     quiet: bool = opt(False, free=True, doc="no progress bar or layer table (sweeps)")
@@ -155,8 +158,8 @@ class Config:
         device = str(self.device)
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             fail("device", device, "auto, cpu, cuda or cuda:N")
-        if not str(self.study) or "/" in str(self.study):
-            fail("study", self.study, "a non-empty name without '/'")
+        if str(self.study) in ("", ".", "..") or "/" in str(self.study):
+            fail("study", self.study, "a folder name: not empty, not . or .., without '/'")
 
 
 def run_name(controller: str, model: str, data: str, seed, overrides: Iterable[str] = ()) -> str:
@@ -164,10 +167,17 @@ def run_name(controller: str, model: str, data: str, seed, overrides: Iterable[s
     ``hydra.sweep.subdir``, resolver ``meta_llr.run_name``): ``<controller>-<model>-<data>-s<seed>``,
     then the other overrides that change the computation, sorted (``-trainer.lr=0.1``), or,
     when they are long or not a safe file name, ``-h`` and 10 hex digits of their SHA-1.
-    Overrides of :data:`FREE_KEYS`, ``seed``, ``study`` and the group choices are left out."""
+    Overrides of :data:`FREE_KEYS`, ``seed`` and ``study`` are left out, and so is a group choice
+    the prefix already names (``controller=depth_linear``); other group choices stay
+    (``schedule=cosine``, a preset such as ``controller=fixed_linear_discussion``)."""
+    named = {"controller": str(controller), "model": str(model), "data": str(data)}
+
     def names_the_run(override: str) -> bool:
-        key = override.split("=", 1)[0].lstrip("+~")
-        return not (key in ("seed", "study", *GROUPS) or any(key == k or key.startswith(k + ".") for k in FREE_KEYS))
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key in GROUPS:
+            return named.get(key) != value
+        return not (key in ("seed", "study") or any(key == k or key.startswith(k + ".") for k in FREE_KEYS))
 
     rest = sorted(o for o in map(str, overrides) if names_the_run(o))
     name = f"{controller}-{model}-{data}-s{seed}"

@@ -27,14 +27,25 @@ from pathlib import Path
 
 import yaml
 
-from meta_llr.errors import UserError
+from meta_llr.errors import Interrupted, UserError
 
 QUIET = ["quiet=true", "trainer.checkpoint=false", "device=cpu"]
 
 
 def load_plan(path: str | None = None) -> dict:
+    """The shipped health plan, or the YAML at ``path``; one UserError line when it is not one."""
+    if path and not Path(path).is_file():
+        raise UserError(f"--plan {path} is not a file; give a health YAML (the shipped one: "
+                        f"meta_llr/studies/health.yaml)")
     text = Path(path).read_text() if path else files("meta_llr").joinpath("studies", "health.yaml").read_text()
-    return yaml.safe_load(text)
+    try:
+        plan = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UserError(f"--plan {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("settings"), dict) or not plan["settings"]:
+        raise UserError(f"--plan {path} needs settings: a mapping of setting names to overrides and seeds "
+                        f"(see meta_llr/studies/health.yaml)")
+    return plan
 
 
 def run_one(out: Path, overrides: list[str]) -> dict:
@@ -66,8 +77,9 @@ def collect(plan: dict, settings: list[str], controllers: list[str], seeds: int 
             for seed in spec["seeds"][:seeds]:
                 out = runs / "health" / setting / f"{name}-s{seed}"
                 summary_file = out / "summary.json"
-                if fresh and out.exists():
-                    shutil.rmtree(out)
+                over = _status(summary_file) in ("finished", "diverged")
+                if out.exists() and (fresh or (execute and not over)):
+                    shutil.rmtree(out)  # a killed, interrupted or failed run is a hole: train it again
                 if not summary_file.exists() and execute:
                     out.mkdir(parents=True, exist_ok=True)
                     example = {k: v for k, v in cls.example_options(out).items()}
@@ -83,6 +95,13 @@ def collect(plan: dict, settings: list[str], controllers: list[str], seeds: int 
     if execute:
         print(file=sys.stderr)
     return results
+
+
+def _status(summary_file: Path) -> str | None:
+    try:
+        return json.loads(summary_file.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -231,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print("interrupted; the finished runs are kept: run the same command again to train the rest",
+              file=sys.stderr)
+        return stop.exit_code
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")

@@ -134,6 +134,9 @@ class Lookahead:
     # The run's optimizer (its state: momentum buffers), set once the run has built it (after
     # the controller's setup): read it when looking ahead, never step it.
     optimizer: torch.optim.Optimizer | None = None
+    # Whether sample_batches has a held-out split to draw from (the loop: data.val_size > 0), so
+    # a controller can refuse at setup rather than at its first lookahead.
+    held_out: bool = True
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ class OptimizerSpec:
     eps: float = 1e-8                 # AdamW (torch's default)
     weight_decay: float = 0.0         # L2 for SGD, decoupled for AdamW
     decay_1d: bool = True             # decay on biases and norm parameters too
+    norm_lr_mult: float = 1.0         # LR multiplier of normalisation layers' parameters
 
 
 @dataclass

@@ -44,15 +44,9 @@ class Range:
         if self.choices is not None:
             text = "one of " + ", ".join(map(str, self.choices))
         else:
-            parts = []
-            if self.ge is not None:
-                parts.append(f">= {self.ge:g}")
-            if self.gt is not None:
-                parts.append(f"> {self.gt:g}")
-            if self.le is not None:
-                parts.append(f"<= {self.le:g}")
-            if self.lt is not None:
-                parts.append(f"< {self.lt:g}")
+            parts = [f"{sign} {bound}" if isinstance(bound, int) else f"{sign} {bound:g}"  # ints exact
+                     for sign, bound in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+                     if bound is not None]
             text = " and ".join(parts) if parts else "any number"
             if self.finite:
                 text = ("finite, " + text) if parts else "any finite number"

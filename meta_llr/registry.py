@@ -8,7 +8,9 @@ type-checked by OmegaConf when the config is composed. The dataclass is the one 
 ``config=`` or, by default, derived from ``__init__``: one field per keyword argument, with its
 annotation and default, so a component's defaults are written once, in its signature. Ranges
 of derived options are checked by the component's ``__init__`` (a ``ValueError`` becomes the
-one-line :class:`~meta_llr.errors.UserError`).
+one-line :class:`~meta_llr.errors.UserError`); a controller's float options, alone or in lists,
+must be finite, which :func:`build_controller` checks for every controller (a ``x <= 0`` test
+lets NaN through).
 
 Where components come from (:func:`load_all`, once per process):
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
 import pkgutil
 import types
 import typing
@@ -169,6 +172,11 @@ def build_controller(config) -> Any:
         raise UserError(f"unknown controller '{name}'; valid: {', '.join(registry)}")
     options = typed(CONTROLLER_CONFIGS[name], {"name": name, **config}, prefix="controller")
     options.pop("name")
+    for key, value in options.items():
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+            raise UserError(f"controller.{key}={value} is out of range; allowed: finite numbers "
+                            f"(controller={name})")
     try:
         return registry[name](**options)
     except ValueError as error:  # controllers check their own ranges with ValueError

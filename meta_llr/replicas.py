@@ -27,8 +27,10 @@ hessian_secant with a curvature probe every 2 steps). The replicas share the tra
 controller that freezes layers by step does; one that froze different layers per replica is
 refused) and, being stacked, the model's memory format (contiguous, no channels_last).
 Each replica's ``wall_s`` is the group's wall time (they train together). Not with ``torchrun``
-or ``trainer.compile``. A replica that diverges stops its records; its
-rows are still computed (harmlessly) until every replica is done.
+or ``trainer.compile``. A replica that diverges stops its records; its rows are still computed
+(harmlessly, on an active replica's batch) until every replica is done, and a resumed group
+leaves a replica that is already over as it is. An error in one replica's step or records is
+recorded in every replica still training (``failed``), none is left saying ``running``.
 """
 from __future__ import annotations
 
@@ -108,7 +110,6 @@ class Replicas:
             run.trace = self.trace[:, i]
             run.trace_by_replicas = True
         self.template = first.model
-        self.last: dict[int, tuple] = {}
         self.stop_signal: int | None = None
         self.device = device
 
@@ -133,8 +134,9 @@ class Replicas:
 
     # ------------------------------------------------------------------ one batched step
     def train_step(self, batches: dict[int, tuple]) -> None:
+        """One step of the replicas in ``batches`` (index -> ``(x, y)``); the others' rows take
+        the first active replica's batch (same shape, even at an epoch's short last batch)."""
         runs, S = self.runs, self.S
-        self.last.update(batches)
         active = sorted(batches)
         for i in active:
             runs[i].begin_step()
@@ -145,8 +147,9 @@ class Replicas:
         lead = runs[active[0]]
         for leaf, p in zip(self.flat_step.stacked, self.flat_step.rows[active[0]]):
             leaf.requires_grad_(p.requires_grad)
-        xs = torch.stack([self.last[i][0] for i in range(S)])
-        ys = torch.stack([self.last[i][1] for i in range(S)])
+        rows = [batches.get(i, batches[active[0]]) for i in range(S)]
+        xs = torch.stack([x for x, _ in rows])
+        ys = torch.stack([y for _, y in rows])
         template, loss_fn, normalize = self.template, lead._loss_fn, lead.normalize
 
         def one(params, buffers, x, y):
@@ -180,42 +183,44 @@ class Replicas:
             leaf.grad = None
 
     # ------------------------------------------------------------------ the runs together
-    def fit(self) -> list[dict]:
-        """Train every replica to its end; their summaries, in seed order."""
-        runs, results, batches = self.runs, [None] * self.S, {}
-        loops = [run.loop() for run in runs]
+    def fit(self, over: list[dict | None] | None = None) -> list[dict]:
+        """Train every replica to its end; their summaries, in seed order. ``over``: the
+        summaries of replicas already over (finished or diverged, from a resume), left as they
+        are; None for the ones to train."""
+        runs = self.runs
+        results = list(over) if over is not None else [None] * self.S
+        todo = [i for i in range(self.S) if results[i] is None]
+        steps = {runs[i].step for i in todo}
+        if len(steps) > 1:  # before any loop starts: no record is touched
+            raise UserError(f"the replicas' checkpoints are at different steps ({sorted(steps)}), so they cannot "
+                            f"continue as one group; train them again in a new directory")
+        loops = {i: runs[i].loop() for i in todo}
+        batches: dict[int, tuple] = {}
         handlers = self._catch_signals()
         try:
-            for i, loop in enumerate(loops):
-                try:
-                    batches[i] = next(loop)
-                except StopIteration as done:
-                    results[i] = done.value
-            steps = {runs[i].step for i in batches}
-            if len(steps) > 1:
-                raise UserError(f"the replicas' checkpoints are at different steps ({sorted(steps)}); resume them "
-                                "one by one with replicas=1 and seed=<theirs>, or start over")
-            for i in range(self.S):  # a replica that is already over still has a row to step
-                if i not in batches:
-                    self.last[i] = next(iter(runs[i].batches()))
-            while batches:
-                try:
-                    self.train_step(batches)
-                except BaseException as error:
-                    for i in list(batches):
-                        try:
-                            loops[i].throw(error)
-                        except BaseException:
-                            pass
-                    raise
-                for i in list(batches):
-                    if self.stop_signal is not None:
-                        runs[i].stop_signal = self.stop_signal
+            try:
+                for i, loop in loops.items():
                     try:
-                        batches[i] = loops[i].send(None)
+                        batches[i] = next(loop)
                     except StopIteration as done:
                         results[i] = done.value
-                        del batches[i]
+                while batches:
+                    self.train_step(batches)
+                    for i in list(batches):
+                        if self.stop_signal is not None:
+                            runs[i].stop_signal = self.stop_signal
+                        try:
+                            batches[i] = loops[i].send(None)
+                        except StopIteration as done:
+                            results[i] = done.value
+                            del batches[i]
+            except BaseException as error:  # every loop still open records it (its summary says failed)
+                for i in list(batches):
+                    try:
+                        loops[i].throw(error)
+                    except BaseException:
+                        pass
+                raise
         finally:
             for number, handler in handlers.items():
                 signal.signal(number, handler)
@@ -264,7 +269,7 @@ def train_replicas(cfg: DictConfig, out_dir: str | Path) -> list[dict]:
     """Train (or continue, see :func:`meta_llr.run.resume_if_asked`) the replicas in
     ``out_dir/s<seed>``; their summaries."""
     group = build_replicas(cfg, replica_dirs(cfg, out_dir))
-    done = [resume_if_asked(run) for run in group.runs]
-    if all(d is not None for d in done):
-        return done
-    return group.fit()
+    over = [resume_if_asked(run) for run in group.runs]
+    if all(summary is not None for summary in over):
+        return over
+    return group.fit(over)

@@ -78,6 +78,9 @@ class Run:
         # Data: the whole dataset lives on the device as uint8.
         self.data_name, self.synthetic, self.data_source = data.name, data.synthetic, data.source
         self.chance_acc = chance_accuracy(data.test.y)
+        # the cross-entropy of a uniform guess: the divergence reference when the first log
+        # interval is above it (a blow-up inside the first interval must not raise its own bar)
+        self.chance_loss = torch.tensor(math.log(max(data.num_classes, 2)), device=device)
         self.train_x, self.train_y = data.train.x.to(device), data.train.y.to(device)
         self.eval_splits = {"test": data.test}
         if data.val is not None:
@@ -128,8 +131,10 @@ class Run:
                          optimizer=OptimizerSpec(name=t.optimizer, momentum=float(t.momentum),
                                                  nesterov=bool(t.nesterov and t.momentum > 0),
                                                  betas=tuple(float(b) for b in t.betas),
-                                                 weight_decay=float(t.weight_decay), decay_1d=bool(t.decay_1d)),
-                         lookahead=Lookahead(self.model, self._loss_fn, self._sample_batches),
+                                                 weight_decay=float(t.weight_decay), decay_1d=bool(t.decay_1d),
+                                                 norm_lr_mult=float(t.norm_lr_mult)),
+                         lookahead=Lookahead(self.model, self._loss_fn, self._sample_batches,
+                                             held_out="val" in self.eval_splits),
                          **({"reduce": dist.mean_} if dist.active else {}))
         self.lookahead_gen = torch.Generator(device=device)
         self.lookahead_gen.manual_seed(int(cfg.seed) + 1)  # its own stream: the training order is unchanged
@@ -434,14 +439,19 @@ class Run:
 
     def diverged(self, interval_loss: torch.Tensor | None = None) -> str | None:
         """Why the run diverged (``non_finite`` or ``loss_explosion``), or None. One host
-        transfer, at log points and epoch ends only. ``interval_loss`` (a log interval's mean,
-        from :meth:`log_interval`) is also checked against ``divergence_factor`` times the
-        first interval's; without it only finiteness is checked."""
+        transfer, at log points and epoch ends only. ``interval_loss`` is a closed log
+        interval's mean (from :meth:`log_interval`); without it, the open interval's mean so
+        far (an epoch end between log points). It explodes above ``divergence_factor`` times
+        the reference ``min(first interval's mean, ln(num_classes))``, the chance-level
+        cross-entropy capping the reference, so a first interval that already blew up counts."""
         self._settle()
         finite = torch.isfinite(self.loss_sum)
         if interval_loss is None:
-            return None if bool(finite.item()) else "non_finite"
-        exploded = interval_loss > self.divergence_factor * self.loss_log[0]  # NaN compares False
+            if self.seen == self.seen_base:
+                return None if bool(finite.item()) else "non_finite"
+            interval_loss = (self.loss_sum - self.loss_base) / (self.seen - self.seen_base)
+        reference = torch.fmin(self.loss_log[0], self.chance_loss)  # fmin: before any interval, ln C
+        exploded = interval_loss > self.divergence_factor * reference  # NaN compares False
         finite, exploded = torch.stack([finite & torch.isfinite(interval_loss), exploded]).tolist()
         return "non_finite" if not finite else "loss_explosion" if exploded else None
 

@@ -35,7 +35,8 @@ hypotheses *before* any run::
 ``run`` launches each arm as one Hydra multirun over the seeds (``python -m meta_llr.train -m
 +arm=LABEL controller=... seed=0,1,2 ...``), skipping (arm, seed) pairs that already have a
 finished or diverged run in the study folder (a divergence is a result: the same seed
-diverges again; failed and incomplete runs are rerun; ``--force`` reruns them all);
+diverges again; failed and incomplete runs are rerun; ``--force`` reruns them all, beside the
+old runs, and ``report`` calls the grid exploratory until one run per seed is kept);
 ``--launcher NAME`` (or the file's ``launcher``) runs the jobs of an arm in parallel or on a
 cluster; anything after the file is passed on as overrides (``device=cuda
 trainer.compile=true``). ``--dry-run`` prints the commands. ``--seeds 100,101 --arms a,b
@@ -142,25 +143,34 @@ def load_study(name_or_path: str) -> dict:
     for key in ("model", "data", "epochs", "seeds", "controllers"):
         if key not in grid:
             raise UserError(f"{where}: grid.{key} is missing")
-    if not isinstance(grid["seeds"], list) or not grid["seeds"]:
-        raise UserError(f"{where}: grid.seeds must be a non-empty list, e.g. [0, 1, 2]")
+    if not _seed_list(grid["seeds"]):
+        raise UserError(f"{where}: grid.seeds must be a non-empty list of integers >= 0, e.g. [0, 1, 2]")
+    if not isinstance(grid["controllers"], list):
+        raise UserError(f"{where}: grid.controllers must be a list of arms (a name, or name: with label:, ...)")
+    if not isinstance(grid.get("overrides") or {}, (dict, list)):
+        raise UserError(f"{where}: grid.overrides must be a mapping (key: value) or a list of KEY=VALUE")
     arms = {}
     for arm in grid["controllers"]:
-        arm = {"name": arm} if isinstance(arm, str) else dict(arm)
+        arm = {"name": arm} if isinstance(arm, str) else dict(arm) if isinstance(arm, dict) else {}
         if "name" not in arm:
             raise UserError(f"{where}: every grid.controllers entry needs name: CONTROLLER")
         label = str(arm.get("label", arm["name"]))
         if label in arms:
             raise UserError(f"{where}: two arms are labelled {label}; give each a distinct label")
         seeds = arm.get("seeds", grid["seeds"])
-        if not isinstance(seeds, list) or not seeds:
-            raise UserError(f"{where}: arm {label} seeds must be a non-empty list, e.g. [0, 1, 2]")
+        if not _seed_list(seeds):
+            raise UserError(f"{where}: arm {label} seeds must be a non-empty list of integers >= 0, e.g. [0, 1, 2]")
+        if not isinstance(arm.get("overrides") or {}, (dict, list)):
+            raise UserError(f"{where}: arm {label} overrides must be a mapping (key: value) or a list of KEY=VALUE")
         arms[label] = {"name": arm["name"], "overrides": _overrides(arm.get("overrides")), "seeds": seeds}
     study["arms"] = arms
     study.setdefault("baseline", next(iter(arms)))
     if study["baseline"] not in arms:
         raise UserError(f"{where}: baseline {study['baseline']} is not an arm ({', '.join(arms)})")
-    study["hypotheses"] = [parse_hypothesis(h, arms, where) for h in study.get("hypotheses") or []]
+    hypotheses = study.get("hypotheses") or []
+    if not isinstance(hypotheses, list) or not all(isinstance(h, dict) for h in hypotheses):
+        raise UserError(f"{where}: hypotheses must be a list of mappings (id:, comparison: 'A > B', ...)")
+    study["hypotheses"] = [parse_hypothesis(h, arms, where) for h in hypotheses]
     if study.get("discussion"):  # a markdown file the report ends with, beside the study file
         discussion = path.parent / str(study["discussion"])
         if not discussion.is_file():
@@ -168,6 +178,12 @@ def load_study(name_or_path: str) -> dict:
         study["discussion"] = str(discussion)
     study["path"] = str(path)
     return study
+
+
+def _seed_list(node) -> bool:
+    """A non-empty list of integers >= 0 (YAML booleans are not seeds)."""
+    return isinstance(node, list) and bool(node) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in node)
 
 
 def _overrides(node) -> list[str]:
@@ -203,9 +219,10 @@ def parse_hypothesis(node: dict, arms: dict, where: str) -> Hypothesis:
     baseline = node.get("baseline", b)
     if baseline not in (a, b):
         raise UserError(f"{where}: hypothesis {hid} baseline {baseline} must be {a} or {b}")
-    alpha = float(node.get("alpha", 0.05))
-    if not 0 < alpha < 1:
-        raise UserError(f"{where}: hypothesis {hid} alpha must lie in (0, 1), got {alpha}")
+    alpha = node.get("alpha", 0.05)
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1):
+        raise UserError(f"{where}: hypothesis {hid} alpha must lie in (0, 1), got {alpha!r}")
+    alpha = float(alpha)
     if margin is not None and margin <= 0:
         raise UserError(f"{where}: hypothesis {hid} margin must be > 0")
     effect = node.get("effect", margin)
@@ -427,7 +444,8 @@ def _g(value, digits: int = 3) -> str:
 
 def grid_differences(study: dict, runs) -> list[str]:
     """How the finished and diverged runs depart from the study file's grid: epochs, model,
-    data, and the seeds of each arm (missing or extra). Empty: the preregistered grid."""
+    data, and the seeds of each arm (missing, extra, or run more than once, which ``run
+    --force`` leaves beside the old runs and would count twice). Empty: the preregistered grid."""
     grid, out = study["grid"], []
     done = [r for r in runs if r.status in DONE]
     for key, want in (("trainer.epochs", grid["epochs"]), ("model.name", grid["model"]), ("data.name", grid["data"])):
@@ -436,11 +454,14 @@ def grid_differences(study: dict, runs) -> list[str]:
             out.append(f"{key} {', '.join(found)} (the file: {want})")
     for label, arm in study["arms"].items():
         want_seeds = {int(s) for s in arm["seeds"]}
-        seeds = {int(r.get("seed", -1)) for r in done if str(r.get("arm") or r.controller) == label}
-        if seeds != want_seeds:
+        found = [int(r.get("seed", -1)) for r in done if str(r.get("arm") or r.controller) == label]
+        seeds = set(found)
+        twice = sorted(seed for seed in seeds if found.count(seed) > 1)
+        if seeds != want_seeds or twice:
             missing, extra = sorted(want_seeds - seeds), sorted(seeds - want_seeds)
             out.append(f"arm {label}: seeds " + "; ".join(
-                part for part in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "") if part))
+                part for part in (f"missing {missing}" if missing else "", f"extra {extra}" if extra else "",
+                                  f"run more than once {twice} (keep one run per seed)" if twice else "") if part))
     return out
 
 
@@ -587,7 +608,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra training overrides for run (e.g. device=cuda)")
     parser.add_argument("--root", default=None, help="folder holding study folders (default: runs)")
     parser.add_argument("--launcher", default=None, help="Hydra launcher, e.g. joblib or submitit_slurm")
-    parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished")
+    parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished (beside the old runs: "
+                        "keep one per seed before report)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--pilot", default=None, help="plan: a folder of pilot runs of the study's arms")
     parser.add_argument("--out", default=None,

@@ -71,6 +71,10 @@ def check_argv(argv: list[str]) -> None:
     if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
            or a.startswith(("--cfg=", "--info=")) for a in argv):
         return
+    deleted = [a for a in argv if a.startswith("~") and not a[1:].startswith("hydra")]
+    if deleted:
+        raise UserError(f"{deleted[0]} deletes an option, which the typed config keeps; set it instead "
+                        f"({deleted[0][1:].split('=')[0]}=VALUE)")
     try:
         jobs = job_overrides(argv)
     except Exception as error:  # a malformed override: Hydra's parser says what is wrong

@@ -152,8 +152,8 @@ def run_controller(controller: Controller, model: Quadratic, steps: int, lr: flo
         controller.observe(step, {k: stats[k] for k in needs})
         if on_step is not None:
             on_step(step, [(p + d).detach() for p, d in zip(params, prev)])
-        losses.append(float(loss))
+        losses.append(loss.item())
         scales_seen.append(scales.detach().clone())
     for p in params:
         p.grad = None
-    return {"loss": losses, "scales": torch.stack(scales_seen), "final_loss": float(model.loss())}
+    return {"loss": losses, "scales": torch.stack(scales_seen), "final_loss": model.loss().item()}

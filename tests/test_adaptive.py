@@ -63,9 +63,35 @@ def test_bad_options_are_value_errors():
                         (HessianSecant, {"power": -1.0}), (HessianSecant, {"min_update_ratio": 1.0}),
                         (Layca, {"alpha": 1.0}), (Layca, {"other_params": "adam"}), (Lars, {"trust": 0.0}),
                         (Hypergrad, {"rule": "newton"}), (AdamProbe, {"quantiles": [1.5]}),
-                        (AdamProbe, {"min_scale": 2.0, "max_scale": 1.0})]:
+                        (AdamProbe, {"min_scale": 2.0, "max_scale": 1.0}),
+                        (AdamProbe, {"quantiles": [0.1, 0.104]})]:   # one CSV column q10 for both
         with pytest.raises(ValueError):
             cls(**kwargs)
+
+
+def test_secant_takes_a_late_layers_first_value_as_it_is():
+    """Layer 1 gets its first gradient a step after layer 0: its first valid secant is its ε,
+    not an EMA step from the placeholder 1 (0.5 = 1/h on this quadratic, in both layers)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 4), torch.randn(8, 4)]
+    layers = [Layer(index=i, name=f"l{i}", depth=float(i), params=[w], weight=w) for i, w in enumerate(weights)]
+    lr, h = 0.1, 2.0
+    controller = HessianSecant(**{**OLD, "ema": 0.3, "min_scale": 1e-3, "max_scale": 1e3})
+    controller.setup(layers, Plan(total_steps=4, steps_per_epoch=4, epochs=1, device=torch.device("cpu"),
+                                  lr_table=torch.full((4,), lr)))
+    seen = []
+    for step in range(4):
+        weights[0].grad = h * weights[0]
+        weights[1].grad = h * weights[1] if step >= 1 else torch.zeros_like(weights[1])
+        seen.append(controller.scales(step).clone())
+        with torch.no_grad():
+            for w in weights:
+                w.sub_(lr * w.grad)
+        controller.observe(step, {"global_lr": torch.tensor(lr), "scales": torch.ones(2)})
+        if step == 1:
+            assert controller.have.tolist() == [True, False] and controller.estimate[1] == 1.0
+    assert torch.allclose(controller.estimate, torch.full((2,), 1 / h), rtol=1e-5), controller.estimate
+    assert torch.allclose(seen[2], torch.tensor([1 / (h * lr), 1.0]), rtol=1e-5)  # no estimate: the global LR
 
 
 # ------------------------------------------------------------------ hypergrad
@@ -92,6 +118,18 @@ def test_hypergrad_additive_rule_follows_the_gradient_product():
     g1 = [h * (p - t) for h, p, t in zip([1.0, 10.0, 100.0], p1, model.targets())]
     expected = torch.tensor([0.001 + 1e-3 * (a * b).sum().item() for a, b in zip(g0, g1)])
     assert torch.allclose(controller.alpha, expected.clamp(1e-5, 0.1), rtol=1e-4)
+
+
+def test_hypergrad_measures_from_the_first_positive_lr():
+    """A schedule that starts at 0 (triangular, low=0): α(0) is its first positive LR, so the
+    scales start at 1 instead of 0/0."""
+    w = torch.randn(4, 3)
+    controller = Hypergrad()
+    controller.setup([Layer(index=0, name="l0", depth=0.0, params=[w], weight=w)],
+                     Plan(total_steps=3, steps_per_epoch=3, epochs=1, device=torch.device("cpu"),
+                          lr_table=torch.tensor([0.0, 0.05, 0.1])))
+    assert controller.alpha0.item() == pytest.approx(0.05)
+    assert torch.equal(controller.scales(0), torch.ones(1))
 
 
 # ------------------------------------------------------------------ layca
@@ -127,6 +165,25 @@ def test_layca_rotates_each_layer_by_atan_rho_and_keeps_its_norm(other_params):
         assert measured == pytest.approx(expected, rel=1e-5)
     moved = [not torch.equal(layer.params[1].detach(), b) for layer, b in zip(model.layers(), initial_bias)]
     assert moved == ([False] * 3 if other_params == "none" else [True] * 3)
+
+
+@pytest.mark.parametrize("gradient,turns", [(0.0, False), (1e-7, False), (1e-3, True)])
+def test_layca_turns_only_by_an_orthogonal_step_above_rounding(gradient, turns):
+    """A step of weight decay alone is parallel to w: its ‖s⊥‖² is rounding noise (once 0.16 rad
+    of turn at ρ = 0.1), so the layer is only renormalised; a resolvable one turns by atan(ρ)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    w0 = w.clone()
+    controller = Layca()
+    controller.setup([Layer(index=0, name="l0", depth=0.0, params=[w], weight=w)],
+                     Plan(total_steps=1, steps_per_epoch=1, epochs=1, device=torch.device("cpu"),
+                          lr_table=torch.full((1,), 0.1)))
+    direction = torch.randn_like(w)
+    w.sub_(0.05 * (5e-4 * w + gradient * w.norm() * direction / direction.norm()))
+    controller.transform_update(0, [[w0.clone()]])
+    cos = torch.nn.functional.cosine_similarity(w0.flatten().double(), w.flatten().double(), 0).item()
+    assert math.acos(min(cos, 1.0)) == pytest.approx(math.atan(0.1) if turns else 0.0, abs=1e-3)
+    assert w.norm().item() == pytest.approx(w0.norm().item(), rel=1e-4)
 
 
 # ------------------------------------------------------------------ lars

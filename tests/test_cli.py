@@ -36,6 +36,8 @@ def one_line_error(result, *fragments):
     (["trainer.epochs=0"], ["trainer.epochs", ">= 1"]),
     (["trainer.lr=-0.1"], ["trainer.lr", "> 0"]),
     (["layers.groups=99"], ["layers.groups=99", "layers"]),
+    (["~trainer.lr"], ["~trainer.lr deletes an option", "trainer.lr=VALUE"]),
+    (["seed=99999999999999999999"], ["seed=99999999999999999999 is out of range", "<= 2147482648"]),
 ])
 def test_bad_input_gives_one_line(args, fragments, tmp_path, train_cli):
     one_line_error(train_cli(*args, f"hydra.run.dir={tmp_path}/run", "quiet=true"), "error:", *fragments)

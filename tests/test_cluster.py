@@ -34,6 +34,11 @@ def test_run_name_is_a_function_of_what_the_run_computes():
     slash = run_name("uniform", "mlp", "digits", 0, ["data.path=/a/b"])
     for name in (long, slash):
         assert "/" not in name and len(name) < 60 and name.split("-")[-1].startswith("h")
+    # A group choice the prefix does not name (a schedule, a controller preset) names the run.
+    assert run_name("uniform", "mlp", "digits", 3, ["schedule=cosine"]) != run_name("uniform", "mlp", "digits", 3,
+                                                                                     ["schedule=step"])
+    assert run_name("fixed_linear", "mlp", "digits", 3, ["controller=fixed_linear_discussion"]) \
+        == "fixed_linear-mlp-digits-s3-controller=fixed_linear_discussion"
 
 
 def command(*argv, env=None, timeout=240):

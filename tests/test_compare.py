@@ -8,7 +8,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from meta_llr.compare import compare, first_reaching, loss_auc, main
+from meta_llr.compare import compare, first_reaching, loss_auc, main, markdown
 from meta_llr.errors import UserError
 from meta_llr.runs import find_runs
 
@@ -164,6 +164,17 @@ def test_diverged_and_broken_runs_are_counted_not_fatal(study, tmp_path):
     assert row["final_test_acc_mean"] == pytest.approx(np.mean(FINALS["uniform"]))  # diverged left out
     assert any("diverged" in note for note in comparison.settings[0].notes)
     assert any(r.status == "unreadable" for r in find_runs(study))
+
+
+def test_interrupted_and_running_runs_are_counted_and_named(study):
+    """Every status a run can record is a column and a word in the table: an interrupted or
+    a still-running run is not a silent gap in n."""
+    make_run(study, "uniform-cut", "uniform", 7, status="interrupted")
+    make_run(study, "uniform-live", "uniform", 8, status="running")
+    comparison = compare(find_runs(study))
+    row = next(r for r in comparison.rows if r["group"] == "uniform")
+    assert row["finished"] == 3 and row["interrupted"] == 1 and row["running"] == 1 and row["runs"] == 5
+    assert "| uniform | 5 runs, 1 interrupted, 1 running |" in markdown(comparison, {})
 
 
 def test_empty_or_missing_directory_is_one_line_error(tmp_path, capsys):

@@ -41,13 +41,27 @@ def test_loss_explosion_is_diverged_with_records(tmp_path):
     rows = train_loss_rows(tmp_path)
     losses = [float(r["train_loss"]) for r in rows]
     assert len(rows) == summary["diverged_at_step"] and all(math.isfinite(x) for x in losses)
-    assert losses[-1] > 20 * losses[0] and max(losses[:-1]) <= 20 * losses[0]
+    reference = min(losses[0], math.log(4))  # TINY has 4 classes: ln 4, a uniform guess's loss
+    assert losses[-1] > 20 * reference and max(losses[:-1]) <= 20 * reference
     metrics = strict_json_lines(tmp_path / "metrics.jsonl")  # evaluations up to the divergence
     assert [r["step"] for r in metrics] == list(range(1, summary["diverged_at_step"]))
     saved = json.loads((tmp_path / "summary.json").read_text(), parse_constant=pytest.fail)
     assert saved["reason"] == "loss_explosion" and saved["chance_acc"] == summary["chance_acc"]
     for name in ("config.yaml", "layers.csv", "llr.csv", "env.json"):
         assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.parametrize("log_every", [3, 1000])
+def test_a_blow_up_in_the_first_interval_is_diverged(log_every, tmp_path):
+    """The reference is capped at ln(classes): a first interval that already blew up cannot
+    raise its own bar (log_every=3), and an epoch end checks the open interval (log_every=1000:
+    no log point before the run's end)."""
+    summary, run = fit(tmp_path, "trainer.lr=1000", f"trainer.log_every={log_every}", "trainer.weight_decay=0",
+                       "schedule=constant", "trainer.epochs=2")
+    assert summary["status"] == "diverged" and summary["reason"] == "loss_explosion", summary
+    losses = [float(r["train_loss"]) for r in train_loss_rows(tmp_path)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] > 20 * math.log(4)
+    assert summary["diverged_at_step"] == (3 if log_every == 3 else run.steps_per_epoch)
 
 
 def test_non_finite_loss_is_diverged_non_finite(tmp_path):

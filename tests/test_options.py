@@ -88,6 +88,11 @@ def test_every_controller_option_out_of_range_and_wrongly_typed(name, option, ki
     wrong = wrong_type(kind)
     if wrong is not None and typing.Optional[str] != kind:
         check_one_line([*select, f"controller.{option}={wrong}"], f"controller.{option}")
+    if float in (kind, *typing.get_args(kind)):
+        for value in ("nan", "inf", "-inf"):
+            bad = f"[{value}]" if typing.get_origin(kind) is list else value
+            message = out_of_range_message(select, f"controller.{option}", bad)
+            assert "\n" not in message and f"controller.{option}=" in message and "finite" in message, message
 
 
 def test_the_table_names_only_real_options():

@@ -113,6 +113,67 @@ def test_replicas_write_ordinary_run_dirs_that_resume_exactly(tmp_path, monkeypa
     assert [s["status"] for s in train(cfg, tmp_path / "whole")["replicas"]] == ["finished", "finished"]
 
 
+def test_a_diverged_replica_leaves_the_others_training_and_resuming(tmp_path, monkeypatch):
+    """Replica s1 goes NaN at step 2: the others finish through the epoch's short last batch
+    (60 images, batch 16), its records stay as they were, and after a stop the group resumes
+    without touching them; s0 and s2 end as uninterrupted replicas do."""
+    import math
+    from meta_llr.run import Run
+
+    cfg = compose_config(*TINY, "data.train_size=60", "replicas=3", "trainer.log_every=1", "trainer.checkpoint=true",
+                         "trainer.resume=auto")
+    original_decide = Run.decide
+
+    def nan_for_s1(self, *args):
+        scales = original_decide(self, *args)
+        return scales * math.nan if int(self.cfg.seed) == 1 and self.step >= 2 else scales
+
+    monkeypatch.setattr(Run, "decide", nan_for_s1)
+    whole = train_replicas(cfg, tmp_path / "whole")
+    assert [s["status"] for s in whole] == ["finished", "diverged", "finished"], whole
+    assert whole[1]["reason"] == "non_finite" and whole[0]["steps"] == 8
+
+    original_step = Replicas.train_step
+
+    def stop_at_step_5(self, batches):
+        original_step(self, batches)
+        if self.runs[0].step == 5:
+            self.stop_signal = 15
+            for run in self.runs:
+                run.stop_signal = 15
+
+    monkeypatch.setattr(Replicas, "train_step", stop_at_step_5)
+    with pytest.raises(Interrupted):
+        train_replicas(cfg, tmp_path / "cut")
+    diverged = (tmp_path / "cut" / "s1" / "summary.json").read_text()
+    monkeypatch.setattr(Replicas, "train_step", original_step)
+    resumed = train_replicas(cfg, tmp_path / "cut")
+    assert [s["status"] for s in resumed] == ["finished", "diverged", "finished"]
+    assert (tmp_path / "cut" / "s1" / "summary.json").read_text() == diverged   # left as it was
+    for seed in ("s0", "s2"):
+        assert (tmp_path / "cut" / seed / "llr.csv").read_text() == (tmp_path / "whole" / seed / "llr.csv").read_text()
+
+
+def test_an_error_in_one_replicas_records_is_recorded_by_all(tmp_path, monkeypatch):
+    """A write that fails in replica s0's evaluation (a full disk): every replica still training
+    says failed, none is left saying running."""
+    from meta_llr.run import Run
+
+    original = Run.log_evaluation
+
+    def full_disk_for_s0(self, wall):
+        if int(self.cfg.seed) == 0:
+            raise OSError(28, "No space left on device")
+        return original(self, wall)
+
+    monkeypatch.setattr(Run, "log_evaluation", full_disk_for_s0)
+    with pytest.raises(OSError):
+        train_replicas(compose_config(*TINY, "replicas=2"), tmp_path)
+    for seed in ("s0", "s1"):
+        summary = json.loads((tmp_path / seed / "summary.json").read_text())
+        assert summary["status"] == "failed" and "No space left" in summary["error"], (seed, summary)
+
+
 @pytest.mark.parametrize("name", ["uniform", "depth_linear"])
 def test_kernel_ops_per_step_at_8_replicas_within_1_2x_of_1(name, tmp_path):
     counts = []

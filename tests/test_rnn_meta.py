@@ -250,10 +250,12 @@ def test_unrolled_mode_through_the_api(tmp_path):
     assert not torch.equal(run.controller.flat(), start)
     assert torch.isfinite(run.controller.current).all()
 
-    plain = build_run(cfg, tmp_path / "plain")   # no validation split to draw from: one line naming the fix
-    with pytest.raises(UserError, match="data.val_size"):
-        for x, y in plain.batches():
-            plain.train_step(x, y)
+    plain = build_run(cfg, tmp_path / "plain")   # no validation split to draw from: one line naming the fix,
+    with pytest.raises(UserError, match="data.val_size"):    # at the first step, not the first lookahead
+        plain.train_step(*next(iter(plain.batches())))
+    with pytest.raises(UserError, match="trainer.optimizer=sgd"):  # the lookahead's SGD: refused at build
+        build_run(compose_config(*TINY, "controller=rnn_meta", "controller.learn=unrolled", "trainer.optimizer=adamw"),
+                  tmp_path / "adamw")
 
 
 def test_unrolled_mode_in_the_loop_with_batchnorm(tmp_path):

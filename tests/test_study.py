@@ -81,6 +81,17 @@ def test_bad_study_files_are_one_line_errors(tmp_path):
         load_study(str(tmp_path / "b.yaml"))
     with pytest.raises(UserError, match="not found"):
         load_study("no_such_study")
+    wrong_types = [  # a value of the wrong type is a line naming it, not a TypeError
+        (dict(STUDY, grid=dict(STUDY["grid"], controllers=[{"name": "uniform", "overrides": 5}])), "overrides"),
+        (dict(STUDY, grid=dict(STUDY["grid"], seeds=["a"])), "grid.seeds"),
+        (dict(STUDY, grid=dict(STUDY["grid"], controllers=[5])), "grid.controllers"),
+        (dict(STUDY, hypotheses=[5]), "hypotheses"),
+        (dict(STUDY, hypotheses=[{"id": "X", "comparison": "fast > uniform", "alpha": "x"}]), "alpha"),
+    ]
+    for i, (study, key) in enumerate(wrong_types):
+        (tmp_path / f"t{i}.yaml").write_text(yaml.safe_dump(study))
+        with pytest.raises(UserError, match=key):
+            load_study(str(tmp_path / f"t{i}.yaml"))
 
 
 def test_run_commands_are_one_multirun_per_arm_and_skip_finished(study_file, tmp_path, capsys):
@@ -199,6 +210,10 @@ def test_a_report_on_another_grid_is_exploratory_and_says_how(study_file, tmp_pa
     assert text.startswith("# Study known: EXPLORATORY report")
     assert "trainer.epochs 2 (the file: 3)" in head and "arm slow: seeds missing [3]" in head
     assert "arm fast: seeds extra [9]" in head
+    # a --force rerun beside the old run: that seed counted twice makes the report exploratory
+    make_run(tmp_path / "known", "fast-s1-again", "depth_linear", 1, accs=(0.6, 0.9), losses=(1.0, 0.3), arm="fast")
+    head = report_study(load_study(str(study_file)), root=tmp_path, figures=False)[0].read_text().split("\n\n")[1]
+    assert "arm fast: seeds extra [9]; run more than once [1] (keep one run per seed)" in head
 
 
 def test_report_aggregates_each_arm_by_its_interquartile_mean(study_file, tmp_path):

@@ -7,11 +7,17 @@ from meta_llr.run import build_run
 from tests.conftest import TINY, compose_config
 
 
-def first_step(out_dir, *overrides):
-    """The run, its first batch, the parameters before the step and this step's gradients."""
+def first_step(out_dir, *overrides, random_biases=False):
+    """The run, its first batch, the parameters before the step and this step's gradients
+    (``random_biases``: 1-D parameters drawn in ±0.5 first, so a decay on them shows)."""
     run = build_run(compose_config(*TINY, "model.depth=2", *overrides), out_dir)
     x, y = next(iter(run.batches()))
     params = [p for layer in run.layers for p in layer.params]
+    if random_biases:
+        with torch.no_grad():
+            for p in params:
+                if p.dim() == 1:
+                    p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) - 0.5)
     before = [p.detach().clone() for p in params]
     loss = run._loss_fn(run.model(run.normalize(x)), y)
     grads = torch.autograd.grad(loss, params)
@@ -54,8 +60,30 @@ def test_lamb_one_step_by_hand(tmp_path):
         assert torch.allclose(p.detach(), w - lr * trust * r, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("decay_1d", [True, False])
+def test_lamb_with_1d_parameters_one_step_by_hand(decay_1d, tmp_path):
+    """exclude_1d=false: biases join their layer's trust ratio with the decay the run gives them."""
+    lr, decay, eps = 0.01, 0.1, 1e-8
+    run, params, before, grads = first_step(tmp_path, "controller=lamb", "controller.exclude_1d=false",
+                                            "trainer.optimizer=adamw", f"trainer.lr={lr}", "schedule=constant",
+                                            f"trainer.weight_decay={decay}", f"trainer.decay_1d={decay_1d}",
+                                            random_biases=True)
+    i = 0
+    for layer in run.layers:
+        n = len(layer.params)
+        ws, gs = before[i:i + n], grads[i:i + n]
+        rs = [g / (g.abs() + eps) + (decay * w if w.dim() > 1 or decay_1d else 0) for w, g in zip(ws, gs)]
+        trust = torch.stack([w.norm() for w in ws]).norm() / torch.stack([r.norm() for r in rs]).norm()
+        for p, w, r in zip(params[i:i + n], ws, rs):
+            assert torch.allclose(p.detach(), w - lr * trust * r, rtol=1e-5, atol=1e-7)
+        i += n
+
+
 def test_lamb_needs_adamw():
     from meta_llr.errors import UserError
 
     with pytest.raises(UserError, match="trainer.optimizer=adamw"):
         build_run(compose_config(*TINY, "controller=lamb"), "/tmp/unused-trust-ratio")
+    with pytest.raises(UserError, match="trainer.norm_lr_mult=1"):
+        build_run(compose_config(*TINY, "controller=lamb", "controller.exclude_1d=false", "trainer.optimizer=adamw",
+                                 "trainer.norm_lr_mult=4"), "/tmp/unused-trust-ratio")
