@@ -119,6 +119,7 @@ class Run:
         self.forward = torch.compile(self.model) if t.compile else self.model
         use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.precision = "bf16" if use_bf16 else "fp32"  # what trainer.precision resolved to here
 
         # The plan and the global LR table.
         self.batch_size = int(t.batch_size)
@@ -774,9 +775,15 @@ class Run:
             "loss_logged": self.loss_logged, "loss_flushed": self.loss_flushed,
             "lookahead_generator": self.lookahead_gen.get_state(), "resumes": list(self.resumes),
             "weight_average": self.weight_average.state_dict() if self.weight_average is not None else None,
+            "precision": self.precision,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        saved = state.get("precision")  # device is a free key, but precision=auto resolves by device
+        if saved is not None and saved != self.precision:
+            raise UserError(f"this run trained in {saved} and would continue in {self.precision} here "
+                            f"(trainer.precision={self.cfg.trainer.precision} on {self.device.type}); "
+                            f"resume it on the kind of device it ran on, or start a new run")
         self.model.load_state_dict(state["model"])
         self.set_trainable(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -202,6 +202,20 @@ def test_resume_may_change_free_keys_and_continues_exactly(straight, interrupted
     assert_same_weights(weights(run), straight[2]["weights"])
 
 
+def test_resume_in_another_precision_is_refused(interrupted2, tmp_path):
+    """device is a free key, but trainer.precision=auto resolves by device (bf16 on CUDA): a run
+    that trained in fp32 on the CPU does not silently continue in bf16 (here a CUDA resume is
+    stood in for by the resolved precision)."""
+    run_dir = copy(interrupted2, tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != LOCK}
+    run = build_run(config("trainer.resume=auto"), run_dir)
+    run.precision = "bf16"
+    with pytest.raises(UserError) as refused:
+        resume_if_asked(run)
+    assert "trained in fp32 and would continue in bf16" in one_line(refused.value)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != LOCK} == before  # nothing touched
+
+
 def test_resume_modes_on_empty_and_occupied_directories(straight, tmp_path):
     with pytest.raises(UserError) as refused:  # true: nothing to continue
         resume(config("trainer.resume=true"), tmp_path / "empty")
