@@ -82,7 +82,9 @@ def fit_layer(x, y, tol: float) -> dict:
             spline = make_lsq_spline(x, y, np.r_[knot_x[0], knot_x, knot_x[-1]], k=1)
             refit = spline(knot_x)
             refit_error = float(np.abs(np.interp(x, knot_x, refit) - y).max())
-            if refit_error < error:
+            # a scale is >= 0 and a frozen layer's 0 stays exactly 0 (replay freezes on it)
+            keeps = bool((refit >= 0).all() and (refit[values == 0] == 0).all())
+            if refit_error < error and keeps:
                 values, error = refit, refit_error
         except (ValueError, np.linalg.LinAlgError):
             pass
@@ -101,6 +103,11 @@ def export_run(run_dir, tol: float = 0.02) -> dict:
         raise UserError(f"{run_dir} has no llr.csv with rows; give a run directory written by meta_llr.train")
     names, array = trace
     progress = array[:, 1]
+    bad = ~np.isfinite(array[:, 3:3 + len(names)])
+    if bad.any():
+        row, index = map(int, np.argwhere(bad)[0])
+        raise UserError(f"{run_dir}: layer {names[index]} has a non-finite scale from step {int(array[row, 0])} "
+                        f"(status {run.status}); export a run whose scales stayed finite")
     count = len(names)
     layers = []
     for index, name in enumerate(names):
@@ -153,6 +160,10 @@ def main(argv=None) -> int:
             raise UserError(f"{args.run_dir} is not a directory; give one run directory")
         curve = export_run(args.run_dir, args.tol)
         out = write_curve(args.out or Path(args.run_dir) / "curve.json", curve)
+    except OSError as error:  # --out a directory, or under a file
+        print(f"error: cannot write {args.out or 'curve.json'}: {error.strerror}; give --out a writable "
+              f"file path", file=sys.stderr)
+        return 2
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -145,6 +145,29 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_a_refit_keeps_scales_non_negative_and_a_frozen_layers_zero():
+    """freezeout's shape (a cosine down to 0 at 70 %, held there): the least-squares refit of the
+    knots would undershoot to -0.003; the knots keep the trace's own values instead."""
+    x = np.linspace(0, 1, 101)
+    y = np.where(x < 0.7, 0.5 * (1 + np.cos(np.pi * x / 0.7)), 0.0)
+    fit = fit_layer(x, y, 0.02)
+    assert min(fit["values"]) >= 0 and fit["values"][-1] == 0.0
+
+
+def test_a_diverged_trace_is_refused_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"status": "diverged", "steps": 3}))
+    (run / "llr.csv").write_text("step,progress,global_lr,a,b\n0,0.0,0.1,1.0,1.0\n1,0.5,0.1,nan,1.0\n")
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layer a has a non-finite scale from step 1" in err
+    (run / "llr.csv").write_text("step,progress,global_lr,a,b\n0,0.0,0.1,1.0,1.0\n1,0.5,0.1,0.5,1.0\n")
+    assert main([str(run), "--out", str(tmp_path)]) == 2   # --out a directory: one line too
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write {tmp_path}")
+
+
 def test_curve_files_are_checked_and_evaluated(tmp_path):
     layers = [{"name": "a", "depth": 0.0, "knots": [0.0, 0.5], "values": [2.0, 1.0]},
               {"name": "b", "depth": 1.0, "knots": [0.25, 1.0], "values": [0.0, 3.0]}]
