@@ -26,6 +26,20 @@ def forever(run):
         yield from run.batches()
 
 
+def signal_after(step, signum=15):
+    """``Replicas.train_step`` that, after ``step`` steps, delivers ``signum`` as the group's handler would."""
+    original = Replicas.train_step
+
+    def train_step(self, batches):
+        original(self, batches)
+        if self.runs[0].step == step:
+            self.stop_signal = signum
+            for run in self.runs:
+                run.stop_signal = signum
+
+    return train_step
+
+
 def steps_of(run_or_group, count):
     """``count`` more steps, the draws continuing where the last call left them."""
     if isinstance(run_or_group, Replicas):
@@ -86,15 +100,7 @@ def test_replicas_write_ordinary_run_dirs_that_resume_exactly(tmp_path, monkeypa
 
     # stopped by a signal mid-epoch 2, then continued: the same records as the uninterrupted replicas
     original = Replicas.train_step
-
-    def stop_at_step_6(self, batches):
-        original(self, batches)
-        if self.runs[0].step == 6:
-            self.stop_signal = 15
-            for run in self.runs:
-                run.stop_signal = 15
-
-    monkeypatch.setattr(Replicas, "train_step", stop_at_step_6)
+    monkeypatch.setattr(Replicas, "train_step", signal_after(6))
     with pytest.raises(Interrupted):
         train_replicas(cfg, tmp_path / "cut")
     assert [json.loads((tmp_path / "cut" / s / "summary.json").read_text())["status"] for s in ("s4", "s5")] \
@@ -134,15 +140,7 @@ def test_a_diverged_replica_leaves_the_others_training_and_resuming(tmp_path, mo
     assert whole[1]["reason"] == "non_finite" and whole[0]["steps"] == 8
 
     original_step = Replicas.train_step
-
-    def stop_at_step_5(self, batches):
-        original_step(self, batches)
-        if self.runs[0].step == 5:
-            self.stop_signal = 15
-            for run in self.runs:
-                run.stop_signal = 15
-
-    monkeypatch.setattr(Replicas, "train_step", stop_at_step_5)
+    monkeypatch.setattr(Replicas, "train_step", signal_after(5))
     with pytest.raises(Interrupted):
         train_replicas(cfg, tmp_path / "cut")
     diverged = (tmp_path / "cut" / "s1" / "summary.json").read_text()
