@@ -58,9 +58,9 @@ class Lamb(Controller):
                             f"trainer.norm_lr_mult=1 or controller.exclude_1d=true")
         self.beta1, self.beta2 = spec.betas
         self.eps, self.decay = spec.eps, spec.weight_decay
-        self.decay_1d = spec.decay_1d
         self.per_layer = PerLayer.of_layers(layers, plan.device, keep=lambda p: p.dim() > 1 or not self.exclude_1d)
         self.kernels = self.per_layer.tensors
+        self.decays = [p.dim() > 1 or spec.decay_1d for p in self.kernels]  # as the run's AdamW groups
         self.exp_avg = [torch.zeros_like(p) for p in self.kernels]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.kernels]
         self.zero = torch.zeros((), device=plan.device)
@@ -85,9 +85,10 @@ class Lamb(Controller):
         torch._foreach_add_(denom, self.eps)
         direction = torch._foreach_div(m, denom)
         torch._foreach_div_(direction, bias1)
-        decayed = [(d, self.kernels[i]) for i, d in zip(live, direction) if self.decay_1d or self.kernels[i].dim() > 1]
-        if self.decay and decayed:
-            torch._foreach_add_([d for d, _ in decayed], [p for _, p in decayed], alpha=self.decay)
+        decayed = [(d, self.kernels[i]) for i, d in zip(live, direction) if self.decays[i]] if self.decay else []
+        if decayed:
+            directions, weights = zip(*decayed)
+            torch._foreach_add_(list(directions), list(weights), alpha=self.decay)
         full = [self.zero] * len(self.kernels)  # a frozen kernel: norm 0
         for i, d in zip(live, direction):
             full[i] = d

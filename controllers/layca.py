@@ -21,11 +21,12 @@ normalisation parameters are not trained, as in the paper (``other_params=none``
 to their value before the step), or trained by the base optimizer at the global LR
 (``other_params=sgd``). A layer whose step has no orthogonal part that the float type
 resolves is left unrotated and only renormalised: with ε the machine epsilon, ``‖s⊥‖²`` is
-trusted when it exceeds ``64ε·(‖s‖² + ε‖w‖²)``, the rounding of ``‖s‖² − (s·w)²/‖w‖²`` plus that
-of ``s = w − w_after`` itself (a layer with no gradient, whose step is weight decay alone,
-would otherwise turn in a direction made of rounding noise). No extra state beyond the loop's copy of the weights before the step; the update
-is computed on flat vectors of all kernels (``meta_llr.per_layer``: a fixed number of kernel
-launches, a few kernel-sized temporaries during the step).
+trusted when it exceeds ``64ε·(‖s‖² + ε‖w‖²)``, the rounding of ``‖s‖² − (s·w)²/‖w‖²`` plus
+that of ``s = w − w_after`` itself (a layer with no gradient, whose step is weight decay
+alone, would otherwise turn in a direction made of rounding noise). No extra state beyond the
+loop's copy of the weights before the step; the update is computed on flat vectors of all
+kernels (``meta_llr.per_layer``: a fixed number of kernel launches, a few kernel-sized
+temporaries during the step).
 """
 from __future__ import annotations
 

@@ -72,9 +72,6 @@ NUM_FEATURES = 8
 NORMALISED = [0, 1, 2, 7]      # features standardised by running statistics
 WEIGHTS_FORMAT = "meta_llr.rnn_meta/1"
 EPS = 1e-12
-UNROLLED_SGD = "controller.learn=unrolled looks ahead through SGD steps; use trainer.optimizer=sgd"
-UNROLLED_HELD_OUT = ("controller.learn=unrolled needs held-out batches: run it in the training loop with "
-                     "data.val_size=N, or call controller.attach_lookahead(Lookahead(...))")
 
 
 def _kernels(layer) -> list[torch.Tensor]:
@@ -231,7 +228,7 @@ class RNNMeta(Controller):
             if self.lookahead is None and plan.lookahead is not None:
                 self.attach_lookahead(plan.lookahead)
             if plan.optimizer.name != "sgd":
-                raise UserError(UNROLLED_SGD)
+                raise UserError("controller.learn=unrolled looks ahead through SGD steps; use trainer.optimizer=sgd")
         self.learner.to(device)
         self.params = list(self.learner.parameters())
         self.refresh()
@@ -359,7 +356,9 @@ class RNNMeta(Controller):
     def observe(self, step, stats):
         every, k = self.every, self.horizon
         if self.learn == "unrolled" and (self.lookahead is None or not self.lookahead.held_out):
-            raise UserError(UNROLLED_HELD_OUT)  # at the first step: attach_lookahead may follow setup
+            # at the first step, not at setup: attach_lookahead may follow setup
+            raise UserError("controller.learn=unrolled needs held-out batches: run it in the training loop with "
+                            "data.val_size=N, or call controller.attach_lookahead(Lookahead(...))")
         # 1) the signal for the output used at step-1 (online: ∂L(t)/∂log s(t−1)).
         if step >= 1 and self.learn == "online":
             slot = ((step - 1) // every) % (2 * k)

@@ -28,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from meta_llr.errors import Interrupted, UserError
+from meta_llr.runs import read_run
 
 QUIET = ["quiet=true", "trainer.checkpoint=false", "device=cpu"]
 
@@ -77,7 +78,7 @@ def collect(plan: dict, settings: list[str], controllers: list[str], seeds: int 
             for seed in spec["seeds"][:seeds]:
                 out = runs / "health" / setting / f"{name}-s{seed}"
                 summary_file = out / "summary.json"
-                over = _status(summary_file) in ("finished", "diverged")
+                over = read_run(out).status in ("finished", "diverged")
                 if out.exists() and (fresh or (execute and not over)):
                     shutil.rmtree(out)  # a killed, interrupted or failed run is a hole: train it again
                 if not summary_file.exists() and execute:
@@ -95,13 +96,6 @@ def collect(plan: dict, settings: list[str], controllers: list[str], seeds: int 
     if execute:
         print(file=sys.stderr)
     return results
-
-
-def _status(summary_file: Path) -> str | None:
-    try:
-        return json.loads(summary_file.read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

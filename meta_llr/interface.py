@@ -135,7 +135,7 @@ class Lookahead:
     # the controller's setup): read it when looking ahead, never step it.
     optimizer: torch.optim.Optimizer | None = None
     # Whether sample_batches has a held-out split to draw from (the loop: data.val_size > 0), so
-    # a controller can refuse at setup rather than at its first lookahead.
+    # a controller can refuse at its first step rather than at its first lookahead.
     held_out: bool = True
 
 

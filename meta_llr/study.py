@@ -147,8 +147,7 @@ def load_study(name_or_path: str) -> dict:
         raise UserError(f"{where}: grid.seeds must be a non-empty list of integers >= 0, e.g. [0, 1, 2]")
     if not isinstance(grid["controllers"], list):
         raise UserError(f"{where}: grid.controllers must be a list of arms (a name, or name: with label:, ...)")
-    if not isinstance(grid.get("overrides") or {}, (dict, list)):
-        raise UserError(f"{where}: grid.overrides must be a mapping (key: value) or a list of KEY=VALUE")
+    _overrides(grid.get("overrides"), f"{where}: grid.overrides")  # checked here, used by arm_command
     arms = {}
     for arm in grid["controllers"]:
         arm = {"name": arm} if isinstance(arm, str) else dict(arm) if isinstance(arm, dict) else {}
@@ -160,9 +159,8 @@ def load_study(name_or_path: str) -> dict:
         seeds = arm.get("seeds", grid["seeds"])
         if not _seed_list(seeds):
             raise UserError(f"{where}: arm {label} seeds must be a non-empty list of integers >= 0, e.g. [0, 1, 2]")
-        if not isinstance(arm.get("overrides") or {}, (dict, list)):
-            raise UserError(f"{where}: arm {label} overrides must be a mapping (key: value) or a list of KEY=VALUE")
-        arms[label] = {"name": arm["name"], "overrides": _overrides(arm.get("overrides")), "seeds": seeds}
+        overrides = _overrides(arm.get("overrides"), f"{where}: arm {label} overrides")
+        arms[label] = {"name": arm["name"], "overrides": overrides, "seeds": seeds}
     study["arms"] = arms
     study.setdefault("baseline", next(iter(arms)))
     if study["baseline"] not in arms:
@@ -186,9 +184,12 @@ def _seed_list(node) -> bool:
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in node)
 
 
-def _overrides(node) -> list[str]:
+def _overrides(node, what: str = "overrides") -> list[str]:
+    """``KEY=VALUE`` strings from a mapping or a list; anything else is one UserError naming ``what``."""
     if node is None:
         return []
+    if not isinstance(node, (dict, list)):
+        raise UserError(f"{what} must be a mapping (key: value) or a list of KEY=VALUE, got {node!r}")
     if isinstance(node, dict):
         return [f"{k}={_value(v)}" for k, v in node.items()]
     return [str(v) for v in node]
@@ -608,8 +609,9 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra training overrides for run (e.g. device=cuda)")
     parser.add_argument("--root", default=None, help="folder holding study folders (default: runs)")
     parser.add_argument("--launcher", default=None, help="Hydra launcher, e.g. joblib or submitit_slurm")
-    parser.add_argument("--force", action="store_true", help="rerun (arm, seed) pairs that already finished (beside the old runs: "
-                        "keep one per seed before report)")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun (arm, seed) pairs that already finished (beside the old runs: keep one per seed "
+                             "before report)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--pilot", default=None, help="plan: a folder of pilot runs of the study's arms")
     parser.add_argument("--out", default=None,
